@@ -1,0 +1,126 @@
+/*
+ * config: mailferry's configuration (INI, read with libinih).
+ *
+ * Every key is one row of a declarative table in config.c: section, name,
+ * type, default, bounds, field. conf/mailferry.conf documents every row with
+ * its default, and a unit test checks that the two agree. An environment
+ * variable MAILFERRY_<SECTION>_<KEY> (upper case, e.g.
+ * MAILFERRY_GATEWAY_MAX_CONNECTIONS) overrides the file, for containers.
+ *
+ * Sections whose name has the form "<kind> <name>" (e.g. "[route relay]")
+ * are not in the table: their keys are kept in order in cfg->named for the
+ * module that owns that kind, which validates them itself.
+ *
+ * Ownership: config_load() fills a struct that owns every string in it;
+ * config_free() releases them. The struct is read-only afterwards.
+ */
+#ifndef MF_CONFIG_H
+#define MF_CONFIG_H
+
+#include <stddef.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+#include "lib/cidr.h"
+
+enum config_bare_newline { CONFIG_BARE_REJECT = 0, CONFIG_BARE_NORMALIZE };
+
+/* One listening address, from "host:port", "[v6]:port" or ":port". */
+struct config_addr {
+    struct sockaddr_storage ss;
+    socklen_t len;
+    char text[80];            /* as written, for logs */
+};
+
+struct config_addr_list {
+    struct config_addr *v;
+    size_t n;
+};
+
+/* redis://[:password@]host:port/db */
+struct config_redis {
+    char *host;
+    int port;
+    char *password;           /* NULL when none */
+    int db;
+};
+
+/* One key of a "[kind name]" section, in file order. */
+struct config_named {
+    char *kind;               /* "route" */
+    char *name;               /* "relay" */
+    char *key;
+    char *value;
+};
+
+struct mf_config {
+    char *path;               /* file read, NULL when none */
+
+    struct {
+        char *level;          /* debug|info|warn|error */
+    } log;
+
+    struct {
+        char *redis;                  /* URL as written */
+        struct config_redis url;      /* parsed */
+        char *prefix;                 /* key prefix, "mf:" */
+        int timeout;                  /* seconds before a command is abandoned */
+        int wait_replicas;            /* WAIT for this many replicas; 0 = no */
+        int wait_timeout;             /* ms for WAIT */
+    } queue;
+
+    struct {
+        char *listen;                 /* plain SMTP, allowed_networks only */
+        char *listen_submission;      /* STARTTLS + AUTH */
+        char *listen_tls;             /* implicit TLS + AUTH */
+        struct config_addr_list listen_addrs;
+        struct config_addr_list submission_addrs;
+        struct config_addr_list tls_addrs;
+        char *hostname;               /* greeting/EHLO name; default gethostname() */
+        char *allowed_networks;
+        struct cidr_list allowed;
+        char *tls_cert;
+        char *tls_key;
+        char *users_file;
+        long long max_message_size;   /* bytes */
+        int max_recipients;
+        int max_connections;
+        int max_connections_per_ip;
+        int max_errors;               /* errors before 421 and close */
+        int idle_timeout;             /* seconds, between commands */
+        int data_timeout;             /* seconds, between DATA reads */
+        int auth_delay;               /* ms before answering a failed AUTH */
+        int shutdown_grace;           /* seconds for SIGTERM */
+        enum config_bare_newline bare_newline;
+        long long max_pending_bytes;  /* Redis write backlog before reads stop */
+    } gateway;
+
+    struct config_named *named;
+    size_t nnamed;
+};
+
+/*
+ * Loads defaults, then the file at path (NULL: defaults only), then the
+ * environment overrides, then validates every value and derived field
+ * (addresses, networks, Redis URL; TLS listeners need tls_cert and tls_key,
+ * submission listeners need users_file). On error returns -1 and writes one
+ * line naming the file, line, section and key and why into err, e.g.
+ * "conf/x.conf:12: [gateway] max_connections: must be an integer between 1
+ * and 1000000, got \"lots\"". Unknown sections and keys are errors.
+ */
+int config_load(struct mf_config *cfg, const char *path, char *err, size_t errlen);
+
+void config_free(struct mf_config *cfg);
+
+/* Parses a comma/space separated list of listening addresses. Returns 0 or
+ * -1 with a message in err. */
+int config_parse_addrs(const char *s, struct config_addr_list *out, char *err, size_t errlen);
+
+/* Parses a redis:// URL. Returns 0 or -1 with a message in err. */
+int config_parse_redis_url(const char *s, struct config_redis *out, char *err, size_t errlen);
+
+/* Writes every table key with its current value as INI text to the
+ * stream (used by tests and by "mailferry --print-config"). */
+void config_dump(const struct mf_config *cfg, FILE *out);
+
+#endif
