@@ -107,20 +107,55 @@ struct mf_config {
  * line naming the file, line, section and key and why into err, e.g.
  * "conf/x.conf:12: [gateway] max_connections: must be an integer between 1
  * and 1000000, got \"lots\"". Unknown sections and keys are errors.
+ * On error cfg is left zeroed (config_free() on it is harmless); on success
+ * the caller releases it with config_free().
  */
 int config_load(struct mf_config *cfg, const char *path, char *err, size_t errlen);
 
+/* Releases every string and list of cfg and zeroes it. */
 void config_free(struct mf_config *cfg);
 
 /* Parses a comma/space separated list of listening addresses. Returns 0 or
- * -1 with a message in err. */
+ * -1 with a message in err. out is overwritten (not freed first); its v is
+ * allocated and released with free(). On error out is left empty. */
 int config_parse_addrs(const char *s, struct config_addr_list *out, char *err, size_t errlen);
 
-/* Parses a redis:// URL. Returns 0 or -1 with a message in err. */
+/* Parses a redis:// URL. Returns 0 or -1 with a message in err. out is
+ * overwritten; host and password are allocated and released with free().
+ * On error out is left zeroed. */
 int config_parse_redis_url(const char *s, struct config_redis *out, char *err, size_t errlen);
 
+/*
+ * Value parsers with the rules the table uses, for modules that validate
+ * their own "[kind name]" sections. Each returns 0, or -1 with the reason
+ * (e.g. "must be an integer between 1 and 300") in err, without key name.
+ * Integers are decimal, fully consumed, no sign but '-'. Sizes are bytes
+ * with an optional K, M or G suffix (1024-based, either case). Booleans are
+ * yes/no, true/false, on/off, 1/0 (either case).
+ */
+int config_parse_int(const char *s, long long min, long long max, long long *out,
+                     char *err, size_t errlen);
+int config_parse_size(const char *s, long long min, long long max, long long *out,
+                      char *err, size_t errlen);
+int config_parse_bool(const char *s, int *out, char *err, size_t errlen);
+
+/* One key of the table, as the documentation describes it. */
+struct config_key_info {
+    const char *section;
+    const char *name;
+    const char *type;         /* "string", "int", "bool", "enum" or "size" */
+    const char *def;          /* default as text; NULL when there is none */
+    long long min, max;       /* bounds of int and size keys */
+};
+
+/* Returns the i-th key of the table in table order, or NULL when i is past
+ * the end. The pointer is static. Used by the documentation test. */
+const struct config_key_info *config_key(size_t i);
+
 /* Writes every table key with its current value as INI text to the
- * stream (used by tests and by "mailferry --print-config"). */
+ * stream (used by tests and by "mailferry --print-config"). A password in
+ * the Redis URL is written as "***"; "[kind name]" sections are not
+ * written, since they may name secrets. */
 void config_dump(const struct mf_config *cfg, FILE *out);
 
 #endif

@@ -1,0 +1,184 @@
+/*
+ * mailferry: one daemon binary, roles as subcommands.
+ *
+ *   mailferry [--config FILE] [--check-config] gateway
+ *   mailferry --check-config --config FILE
+ *
+ * Signals: SIGTERM/SIGINT stop gracefully (exit 0), SIGHUP reloads TLS
+ * certificates and the users file.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "gateway/gateway.h"
+#include "lib/config.h"
+#include "lib/log.h"
+#include "lib/queue.h"
+
+struct mf_main {
+    uv_loop_t *loop;
+    struct mf_config cfg;
+    struct queue *queue;
+    struct gateway *gateway;
+    uv_signal_t sigterm, sigint, sighup;
+    int stopping;
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: mailferry [--config FILE] [--check-config] ROLE\n"
+            "       mailferry --check-config --config FILE\n"
+            "roles:\n"
+            "  gateway   SMTP front end: accepts mail into the Redis queue\n"
+            "options:\n"
+            "  --config FILE    configuration file (INI); MAILFERRY_<SECTION>_<KEY>\n"
+            "                   environment variables override it\n"
+            "  --check-config   validate the configuration and exit (0 when valid)\n"
+            "  --print-config   print the effective configuration and exit\n");
+}
+
+static void main_close_walk(uv_handle_t *h, void *arg)
+{
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+static void main_queue_closed(void *arg)
+{
+    struct mf_main *m = arg;
+
+    uv_close((uv_handle_t *)&m->sigterm, NULL);
+    uv_close((uv_handle_t *)&m->sigint, NULL);
+    uv_close((uv_handle_t *)&m->sighup, NULL);
+}
+
+static void main_gateway_done(void *arg)
+{
+    struct mf_main *m = arg;
+
+    gateway_free(m->gateway);
+    m->gateway = NULL;
+    queue_close(m->queue, main_queue_closed, m);
+    m->queue = NULL;
+}
+
+static void main_on_signal(uv_signal_t *h, int signum)
+{
+    struct mf_main *m = h->data;
+
+    if (signum == SIGHUP) {
+        log_info("event=signal signal=HUP");
+        if (m->gateway)
+            gateway_reload(m->gateway);
+        return;
+    }
+    log_info("event=signal signal=%s", signum == SIGTERM ? "TERM" : "INT");
+    if (m->stopping)
+        return;
+    m->stopping = 1;
+    if (m->gateway)
+        gateway_shutdown(m->gateway, main_gateway_done, m);
+}
+
+static int main_gateway(struct mf_main *m)
+{
+    char err[1024];
+
+    m->loop = uv_default_loop();
+    m->queue = queue_new(m->loop, &m->cfg);
+    m->gateway = gateway_new(m->loop, &m->cfg, m->queue, err, sizeof(err));
+    if (m->gateway == NULL) {
+        fprintf(stderr, "mailferry: %s\n", err);
+        log_error("event=start result=fail reason=listen");
+        return 1;
+    }
+    uv_signal_init(m->loop, &m->sigterm);
+    uv_signal_init(m->loop, &m->sigint);
+    uv_signal_init(m->loop, &m->sighup);
+    m->sigterm.data = m->sigint.data = m->sighup.data = m;
+    uv_signal_start(&m->sigterm, main_on_signal, SIGTERM);
+    uv_signal_start(&m->sigint, main_on_signal, SIGINT);
+    uv_signal_start(&m->sighup, main_on_signal, SIGHUP);
+    log_info("event=start role=gateway hostname=%s redis=%s:%d", m->cfg.gateway.hostname,
+             m->cfg.queue.url.host, m->cfg.queue.url.port);
+    uv_run(m->loop, UV_RUN_DEFAULT);
+    /* Anything still open (there should be nothing) is closed so that the
+     * loop can be released without leaks. */
+    uv_walk(m->loop, main_close_walk, NULL);
+    uv_run(m->loop, UV_RUN_DEFAULT);
+    uv_loop_close(m->loop);
+    log_info("event=exit role=gateway");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct mf_main m;
+    const char *config = NULL, *role = NULL;
+    int check = 0, print = 0, rc;
+    char err[1024];
+
+    memset(&m, 0, sizeof(m));
+    signal(SIGPIPE, SIG_IGN);
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0) {
+            if (++i >= argc) {
+                usage(stderr);
+                return 2;
+            }
+            config = argv[i];
+        } else if (strncmp(argv[i], "--config=", 9) == 0) {
+            config = argv[i] + 9;
+        } else if (strcmp(argv[i], "--check-config") == 0) {
+            check = 1;
+        } else if (strcmp(argv[i], "--print-config") == 0) {
+            print = 1;
+        } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (argv[i][0] != '-' && role == NULL) {
+            role = argv[i];
+        } else {
+            fprintf(stderr, "mailferry: unknown argument %s\n", argv[i]);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (role && strcmp(role, "gateway") != 0) {
+        fprintf(stderr, "mailferry: unknown role %s\n", role);
+        usage(stderr);
+        return 2;
+    }
+    if (!role && !check && !print) {
+        usage(stderr);
+        return 2;
+    }
+    if (config_load(&m.cfg, config, err, sizeof(err)) != 0) {
+        fprintf(stderr, "mailferry: %s\n", err);
+        return 1;
+    }
+    if (log_set_level(m.cfg.log.level) != 0)
+        log_warn("event=config reason=\"unknown log level %s\"", m.cfg.log.level);
+    if (print) {
+        config_dump(&m.cfg, stdout);
+        config_free(&m.cfg);
+        return 0;
+    }
+    if (gateway_check(&m.cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "mailferry: %s\n", err);
+        config_free(&m.cfg);
+        return 1;
+    }
+    if (check) {
+        printf("mailferry: configuration %s is valid\n", config ? config : "(defaults)");
+        config_free(&m.cfg);
+        return 0;
+    }
+    rc = main_gateway(&m);
+    config_free(&m.cfg);
+    return rc;
+}
