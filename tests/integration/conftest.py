@@ -8,7 +8,6 @@ with a queue prefix of its own. The binary comes from $MAILFERRY_BIN
 """
 
 import itertools
-import json
 import os
 import re
 import signal
@@ -23,13 +22,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mftest import RESP, RawSMTP, SMTPClosed  # noqa: E402
+from mftest import DEFAULT_USERS, PASSWORDS, RESP, RawSMTP, SMTPClosed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MAILFERRY_BIN = os.environ.get("MAILFERRY_BIN", str(REPO / "build" / "mailferry"))
-
-PASSWORDS = {"alice": "s3cret", "bob": "b0b-pass", "carol": "c4rol-pass"}
-DEFAULT_USERS = [("alice", ["example.com"]), ("bob", ["*"])]
 
 # Keys that live in a section other than [gateway].
 SECTION_OF = {

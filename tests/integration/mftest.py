@@ -12,6 +12,9 @@ import time
 
 CRLF = b"\r\n"
 
+PASSWORDS = {"alice": "s3cret", "bob": "b0b-pass", "carol": "c4rol-pass"}
+DEFAULT_USERS = [("alice", ["example.com"]), ("bob", ["*"])]
+
 QUEUED_RE = re.compile(r"\b2\.0\.0 Ok: queued as ([0-9A-Za-z]+)")
 
 
