@@ -140,8 +140,13 @@ static int literal_valid(const unsigned char *s, size_t n)
         return inet_pton(AF_INET, tmp, addr) == 1;
     }
 
-    /* General-address-literal = Standardized-tag ":" 1*dcontent. */
-    if (colon == 0 || colon + 1 == n || !is_alnum(s[colon - 1]))
+    /*
+     * General-address-literal = Standardized-tag ":" 1*dcontent. The tag must
+     * begin with a letter: the grammar's Ldh-str would also admit "2001" and
+     * so take an untagged IPv6 address for a general literal, and every tag
+     * IANA registers is a name.
+     */
+    if (colon == 0 || colon + 1 == n || !is_alpha(s[0]) || !is_alnum(s[colon - 1]))
         return 0;
     for (i = 0; i < colon; i++)
         if (!is_alnum(s[i]) && s[i] != '-')

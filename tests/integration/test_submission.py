@@ -76,13 +76,11 @@ def test_swaks_implicit_tls(gateway):
 def test_swaks_wrong_password(gateway):
     """A wrong password gets 535 5.7.8 (RFC 4954 section 6) and nothing is
     queued."""
-    t0 = time.monotonic()
     rc, out, replies = swaks(gateway.submission, "-tls", "--auth", "PLAIN",
                              "--auth-user", "alice", "--auth-password", "wrong",
                              "--from", "a@example.com", "--to", "x@dest.test")
     assert rc != 0, out
     assert any(c == 535 and t.startswith("5.7.8") for c, t in replies), out
-    assert time.monotonic() - t0 >= 0.1  # auth_delay = 100 ms
     assert gateway.message_ids() == []
 
 

@@ -38,6 +38,14 @@ static void check_path(const struct smtp_path *p)
     }
 }
 
+static int has_8bit(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s >= 0x80)
+            return 1;
+    return 0;
+}
+
 /* A failed parse leaves an empty path behind. */
 static void check_reset(const struct smtp_path *p)
 {
@@ -297,10 +305,7 @@ static void test_mail_table(void **state)
                      mc->addr);
         assert_int_equal(args.path.local_len, mc->local_len);
         assert_int_equal(args.path.postmaster, 0);
-        assert_int_equal(args.path.utf8, strpbrk(mc->addr, "\x80\x90\xa0\xb0\xc0\xd0\xe0\xf0") ||
-                                             memchr(mc->addr, 0xe4, strlen(mc->addr)) ||
-                                             memchr(mc->addr, 0xe5, strlen(mc->addr)) ||
-                                             memchr(mc->addr, 0xe7, strlen(mc->addr)));
+        assert_int_equal(args.path.utf8, has_8bit(mc->addr));
         if (args.size != mc->size)
             fail_msg("mail case %zu (%s): size %lld want %lld", i, mc->arg, args.size, mc->size);
         assert_int_equal(args.body, mc->body);
@@ -311,11 +316,15 @@ static void test_mail_table(void **state)
 /* NUL octets never belong to a path or a parameter. */
 static void test_mail_nul(void **state)
 {
-    static const char *const cases[] = {
-        "FROM:<a\0b@x>", "FROM:<a@x\0>", "FROM:<\"a\0\"@x>", "FROM:<a@x> SIZE=1\0",
-        "FROM:\0<a@x>",
+#define S(s) {s, sizeof(s) - 1}
+    static const struct {
+        const char *s;
+        size_t n;
+    } cases[] = {
+        S("FROM:<a\0b@x>"), S("FROM:<a@x\0>"), S("FROM:<\"a\0\"@x>"), S("FROM:<a@x> SIZE=1\0"),
+        S("FROM:\0<a@x>"), S("FROM:<a@[1.2.3.4\0]>"), S("FROM:<@a\0:b@c>"),
     };
-    static const size_t lens[] = {13, 11, 14, 19, 12};
+#undef S
     size_t i;
 
     (void)state;
@@ -323,7 +332,8 @@ static void test_mail_nul(void **state)
         struct smtp_mail_args args;
         const char *why = NULL;
 
-        assert_int_not_equal(smtp_addr_parse_mail(cases[i], lens[i], &args, &why), SMTP_ADDR_OK);
+        assert_int_not_equal(smtp_addr_parse_mail(cases[i].s, cases[i].n, &args, &why),
+                             SMTP_ADDR_OK);
         check_why(why);
         check_reset(&args.path);
     }
@@ -411,7 +421,7 @@ static void test_rcpt_table(void **state)
         check_path(&path);
         assert_string_equal(path.addr, rc_->addr);
         assert_int_equal(path.postmaster, rc_->postmaster);
-        assert_int_equal(path.utf8, rc_->utf8_ok && strcmp(rc_->addr, "a@b") != 0);
+        assert_int_equal(path.utf8, has_8bit(rc_->addr));
     }
 }
 
@@ -447,8 +457,8 @@ static size_t build(char *out, const char *prefix, size_t llen, size_t dlen, con
 {
     char *p = out;
 
+    memcpy(p, prefix, strlen(prefix));
     p += strlen(prefix);
-    memcpy(out, prefix, strlen(prefix));
     p = fill(p, 'l', llen);
     *p++ = '@';
     p = fill_domain(p, dlen);
@@ -531,7 +541,6 @@ static void test_limits_quoted(void **state)
     const char *why;
 
     (void)state;
-    p = fill(p, 0, 0);
     memcpy(p, "FROM:<\"", 7);
     p = fill(p + 7, 'q', 62);
     memcpy(p, "\"@x>", 5);
@@ -632,8 +641,10 @@ static void test_domain_limits(void **state)
         char *p = d;
         int k;
 
-        for (k = 0; k < 21; k++)
-            p = memcpy(p, "\xe4\xbe\x8b", 3), p + 3;
+        for (k = 0; k < 21; k++) {
+            memcpy(p, "\xe4\xbe\x8b", 3);
+            p += 3;
+        }
         *p = '\0';
         assert_int_equal(smtp_addr_domain_valid(d, 1), 1);
         memcpy(p, "\xe4\xbe\x8b", 4);
