@@ -1,6 +1,8 @@
 #include "lib/buf.h"
 
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lib/xmalloc.h"
@@ -24,9 +26,11 @@ void buf_reserve(struct buf *b, size_t n)
 
     if (need <= b->cap)
         return;
+    if (need < n)
+        abort();   /* size_t overflow: no caller can mean this */
     cap = b->cap ? b->cap : 64;
     while (cap < need)
-        cap *= 2;
+        cap = cap > SIZE_MAX / 2 ? need : cap * 2;
     b->data = xrealloc(b->data, cap);
     b->cap = cap;
 }

@@ -27,7 +27,7 @@ void buf_reserve(struct buf *b, size_t n);
 void buf_append(struct buf *b, const void *p, size_t n);
 void buf_appends(struct buf *b, const char *s);
 void buf_appendf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void buf_vappendf(struct buf *b, const char *fmt, va_list ap);
+void buf_vappendf(struct buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Removes the first n bytes (n <= len). */
 void buf_consume(struct buf *b, size_t n);
 /* Empties the buffer, keeping its memory. */

@@ -270,8 +270,10 @@ static int parse_one_addr(const char *tok, struct config_addr *a, char *err, siz
     struct addrinfo hints, *res = NULL;
     int port, rc;
 
+    size_t toklen = strlen(tok);
+
     memset(a, 0, sizeof(*a));
-    if (strlen(tok) >= sizeof(a->text)) {
+    if (toklen >= sizeof(a->text)) {
         snprintf(err, errlen, "address \"%.40s...\" is too long", tok);
         return -1;
     }
@@ -334,7 +336,7 @@ static int parse_one_addr(const char *tok, struct config_addr *a, char *err, siz
         a->len = (socklen_t)res->ai_addrlen;
         freeaddrinfo(res);
     }
-    snprintf(a->text, sizeof(a->text), "%s", tok);
+    memcpy(a->text, tok, toklen + 1);
     return 0;
 }
 
@@ -505,7 +507,8 @@ static const void *field_cptr(const struct mf_config *cfg, const struct cfg_row 
     return (const char *)cfg + r->off;
 }
 
-/* Appends s to b with the credentials of a URL replaced by "***". */
+/* Appends s to b with the credentials of a URL replaced by ":***", which
+ * keeps the URL parseable. */
 static void append_redacted(struct buf *b, const char *s)
 {
     const char *p = strstr(s, "://");
@@ -516,7 +519,7 @@ static void append_redacted(struct buf *b, const char *s)
         return;
     }
     buf_append(b, s, (size_t)(p + 3 - s));
-    buf_appends(b, "***");
+    buf_appends(b, ":***");
     buf_appends(b, at);
 }
 
@@ -776,11 +779,19 @@ static char *cfg_reader(char *str, int num, void *stream)
     if (memchr(line, '\0', len) != NULL) {
         cfg_error(c, 0, c->lineno, NULL, NULL, NULL, NULL, 0, "line holds a NUL byte");
         len = 0;
-    } else if (len + 1 > (size_t)num) {
-        cfg_error(c, 0, c->lineno, NULL, NULL, NULL, NULL, 0,
-                  "line longer than %d characters; continue the value on an indented line",
-                  num - 3);
-        len = 0;
+    } else {
+        /* libinih needs room for "\r\n" and the NUL after the text. */
+        size_t text = len;
+        if (text > 0 && line[text - 1] == '\n')
+            text--;
+        if (text > 0 && line[text - 1] == '\r')
+            text--;
+        if (num < 4 || text > (size_t)num - 3) {
+            cfg_error(c, 0, c->lineno, NULL, NULL, NULL, NULL, 0,
+                      "line longer than %d characters; continue the value on an indented line",
+                      num - 3);
+            len = 0;
+        }
     }
     if (len == 0) {
         str[0] = '\n';
@@ -1150,8 +1161,8 @@ static int validate(struct cfg_ctx *c)
         }
     }
 
-    /* Submission and implicit TLS both carry AUTH, which needs TLS
-     * (RFC 4954 section 4: PLAIN only over an encrypted channel) and users. */
+    /* Submission and implicit TLS both carry AUTH, which needs users and
+     * TLS (RFC 4616 section 6: PLAIN only over a protected channel). */
     {
         static const char *const needs[] = {"tls_cert", "tls_key", "users_file"};
         const char *by = cfg->gateway.listen_submission ? "listen_submission"

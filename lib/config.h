@@ -154,8 +154,8 @@ const struct config_key_info *config_key(size_t i);
 
 /* Writes every table key with its current value as INI text to the
  * stream (used by tests and by "mailferry --print-config"). A password in
- * the Redis URL is written as "***"; "[kind name]" sections are not
- * written, since they may name secrets. */
+ * the Redis URL is written as "redis://:***@host"; "[kind name]" sections
+ * are not written, since they may hold secrets. */
 void config_dump(const struct mf_config *cfg, FILE *out);
 
 #endif

@@ -83,6 +83,10 @@ const char *conn_tls_version(const struct conn *c);
 const char *conn_tls_cipher(const struct conn *c);
 /* The peer's verified certificate, or NULL. Owned by the conn. */
 X509 *conn_tls_peer_cert(const struct conn *c);
+/* Why TLS failed (OpenSSL's reason, and the certificate check's when that
+ * failed), after CONN_EV_ERROR with CONN_ERR_TLS; "" otherwise. Valid until
+ * close. For logs and DSN diagnostics. */
+const char *conn_tls_error(const struct conn *c);
 
 /* Peer and local addresses, filled at accept/connect. */
 const struct sockaddr *conn_peer(const struct conn *c);

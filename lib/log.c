@@ -25,6 +25,8 @@ int log_set_level(const char *name)
     return -1;
 }
 
+static void log_vwrite(int level, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
+
 static void log_vwrite(int level, const char *fmt, va_list ap)
 {
     char line[4096];

