@@ -2135,8 +2135,7 @@ int policy_decide(const struct policy_config *cfg, const struct policy_state *st
     }
     if (t) {
         if (t->hold) {
-            out->reason = POLICY_R_HOLD_RULE;
-            snprintf(out->text, sizeof(out->text), "hold:%s", hold_detail);
+            set_reason(out, POLICY_R_HOLD_RULE, hold_detail);
             return 0;
         }
         strict = t->strict;

@@ -298,8 +298,9 @@ struct policy_msg {
 
 /*
  * Why a decision was made. The names (policy_reason_name) form a small,
- * fixed set, fit for a metrics label; policy_decision.text adds detail
- * for logs (the throttled domain).
+ * fixed set, fit for a metrics label; policy_decision.text is the name,
+ * followed for some reasons by ":" and a detail for logs (the throttled
+ * domain, the rule that holds).
  */
 enum policy_reason {
     POLICY_R_PRIMARY = 0,       /* "primary": first route by priority */
@@ -330,7 +331,7 @@ enum policy_reason {
     POLICY_R_OVERFLOW_DOMAIN_CAP_MINUTE,  /* "overflow:domain_cap_minute" */
     /* HOLD: keep the message queued and retry later. */
     POLICY_R_HOLD_RULE,         /* "hold:rule": a pin or split says hold (text
-                                   "hold:pin:sender_domain", "hold:split", ...) */
+                                   "hold:rule:pin:sender_domain", "hold:rule:split") */
     POLICY_R_HOLD_NEVER_VIA,    /* "hold:never_via": only third parties left */
     POLICY_R_HOLD_ALL_CAPPED,   /* "hold:all_capped": every route's cap is spent */
     POLICY_R_HOLD_THROTTLED,    /* "hold:throttled" (text "hold:throttled:<domain>") */

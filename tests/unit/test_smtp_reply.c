@@ -37,13 +37,13 @@ static const struct reply_case cases[] = {
     {L("250 OK\n"), 7, 250, "", "OK", 1},                     /* bare LF accepted */
     {L("250 OK\r\nNEXT"), 8, 250, "", "OK", 1},               /* stops at the reply */
     {L("250 OK\r\n250 again\r\n"), 8, 250, "", "OK", 1},
-    {L("354 End data with <CR><LF>.<CR><LF>\r\n"), 38, 354, "",
+    {L("354 End data with <CR><LF>.<CR><LF>\r\n"), 37, 354, "",
      "End data with <CR><LF>.<CR><LF>", 1},
     {L("250 a\rb\r\n"), 9, 250, "", "a\rb", 1},               /* CR inside text kept */
 
     /* Enhanced status codes. */
     {L("250 2.1.0 Ok\r\n"), 14, 250, "2.1.0", "Ok", 1},
-    {L("550 5.1.1 <x@y>: Recipient address rejected\r\n"), 46, 550, "5.1.1",
+    {L("550 5.1.1 <x@y>: Recipient address rejected\r\n"), 45, 550, "5.1.1",
      "<x@y>: Recipient address rejected", 1},
     {L("451 4.2.0 try later\r\n"), 21, 451, "4.2.0", "try later", 1},
     {L("550 5.123.456 long parts\r\n"), 26, 550, "5.123.456", "long parts", 1},
@@ -66,7 +66,7 @@ static const struct reply_case cases[] = {
     {L("550-5.1.1 The email account does not exist.\r\n"
        "550-5.1.1 Please try\r\n"
        "550 5.1.1 again. x - gsmtp\r\n"),
-     94, 550, "5.1.1", "The email account does not exist.\nPlease try\nagain. x - gsmtp", 3},
+     95, 550, "5.1.1", "The email account does not exist.\nPlease try\nagain. x - gsmtp", 3},
     {L("550-5.1.1 first\r\n550 5.7.1 other\r\n"), 34, 550, "5.1.1", "first\n5.7.1 other", 2},
     {L("421-4.7.0 a\n421 4.7.0 b\n"), 24, 421, "4.7.0", "a\nb", 2},
     {L("250-a\r\n250 b\r\n250 c\r\n"), 14, 250, "", "a\nb", 2},
@@ -126,16 +126,10 @@ static void run_case(size_t idx, const struct reply_case *rc)
                 fail_msg("case %zu prefix %zu: unexpected error", idx, k);
             continue;
         }
-        if (rc->want > 0 && (ssize_t)k < rc->want) {
+        if (rc->want <= 0 || (ssize_t)k < rc->want) {
             if (got != SMTP_REPLY_NEED_MORE)
                 fail_msg("case %zu prefix %zu: got %zd, want need-more", idx, k, got);
             continue;
-        }
-        if (k < rc->len || rc->want <= 0) {
-            if (rc->want <= 0 && got != SMTP_REPLY_NEED_MORE && k < rc->len)
-                fail_msg("case %zu prefix %zu: got %zd", idx, k, got);
-            if (rc->want <= 0)
-                continue;
         }
         if (got != rc->want)
             fail_msg("case %zu prefix %zu: got %zd want %zd", idx, k, got, rc->want);
