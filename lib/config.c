@@ -847,7 +847,9 @@ static int cfg_handler(void *user, const char *rawsection, const char *key, cons
                   "key outside of any [section]");
         return 0;
     }
-    if (strpbrk(section, " \t") != NULL) {
+    /* "[kind name]" sections, and [policy] (kind "policy", empty name),
+     * belong to the modules that own them (router, policy). */
+    if (strpbrk(section, " \t") != NULL || strcmp(section, "policy") == 0) {
         add_named(c, section, key, value);
         return 1;
     }

@@ -9,7 +9,8 @@
  *
  * Sections whose name has the form "<kind> <name>" (e.g. "[route relay]")
  * are not in the table: their keys are kept in order in cfg->named for the
- * module that owns that kind, which validates them itself.
+ * module that owns that kind, which validates them itself. The section
+ * [policy] is kept the same way, with kind "policy" and an empty name.
  *
  * Ownership: config_load() fills a struct that owns every string in it;
  * config_free() releases them. The struct is read-only afterwards.

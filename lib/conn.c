@@ -18,7 +18,12 @@
  * "inflight" and stays untouched until the write callback, while new output
  * collects in "wire". Buffers are freed whenever they become empty, so an
  * idle conn owns no I/O memory; read buffers are allocated per read in the
- * alloc callback and freed after the read callback.
+ * alloc callback and freed after the read callback. CONN_EV_DRAINED comes
+ * from the write callback once everything the owner wrote has reached the
+ * kernel (nothing in flight, in wire, or written but not yet flushed), and
+ * only if owner data was flushed since the last one: handshake traffic
+ * alone does not produce it. conn_pending() counts plaintext bytes, also
+ * while they travel as ciphertext.
  *
  * Callbacks. The owner is called only from libuv callbacks (read, write,
  * connect, shutdown, timer, idle, close), never from inside a conn_* call.
@@ -62,6 +67,13 @@
 /* Work queued for the idle callback (see "Callbacks" above). */
 enum { CONN_DEFER_ERROR = 1, CONN_DEFER_PUMP = 2 };
 
+/* An IPv4 or IPv6 socket address; smaller than sockaddr_storage. */
+union conn_addr {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+};
+
 struct conn {
     uv_tcp_t tcp;
     uv_timer_t timer;      /* connect timeout, then graceful close timeout */
@@ -74,8 +86,8 @@ struct conn {
     conn_event_cb on_event;
     void *arg;
 
-    struct sockaddr_storage peer;
-    struct sockaddr_storage local;
+    union conn_addr peer;
+    union conn_addr local;
     char peer_ip[INET6_ADDRSTRLEN];
 
     struct buf out;        /* plaintext written, not flushed */
@@ -124,6 +136,7 @@ static void conn_close_step(struct conn *c);
 
 static BIO_METHOD *conn_bio_method;
 static pthread_once_t conn_bio_once = PTHREAD_ONCE_INIT;
+static int conn_trim_ok;   /* SSL_free_buffers is safe in this OpenSSL */
 
 /* OpenSSL's output (handshake messages, records, alerts) goes to wire. The
  * write never blocks; the owner bounds it through conn_pending(). */
@@ -200,6 +213,8 @@ static int conn_bio_create(BIO *b)
     return 1;
 }
 
+static int conn_free_buffers_safe(unsigned long v);
+
 static void conn_bio_init(void)
 {
     BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "mailferry conn");
@@ -210,6 +225,40 @@ static void conn_bio_init(void)
         BIO_meth_set_create(m, conn_bio_create) != 1)
         log_fatal("event=tls_init reason=\"cannot create the conn BIO method\"");
     conn_bio_method = m;
+    conn_trim_ok = conn_free_buffers_safe(OpenSSL_version_num());
+}
+
+/*
+ * SSL_free_buffers() could free a buffer still in use before the fix for
+ * CVE-2024-4741 (3.0.14, 3.1.6, 3.2.2, 3.3.1); with an older library
+ * conn relies on SSL_MODE_RELEASE_BUFFERS alone.
+ */
+static int conn_free_buffers_safe(unsigned long v)
+{
+    unsigned long mm = v >> 20;   /* 0xMNN: major, minor */
+
+    if (mm == 0x300)
+        return v >= 0x300000e0UL;
+    if (mm == 0x301)
+        return v >= 0x30100060UL;
+    if (mm == 0x302)
+        return v >= 0x30200020UL;
+    if (mm == 0x303)
+        return v >= 0x30300010UL;
+    return v >= 0x30400000UL;
+}
+
+/*
+ * Gives the session's 16 KB record buffers back when nothing is in them.
+ * SSL_MODE_RELEASE_BUFFERS alone releases them only after application
+ * data; a buffer used for post-handshake messages (the server's TLS 1.3
+ * NewSessionTicket, the handshake's last flight) would otherwise stay with
+ * every idle session. SSL_free_buffers() refuses when a buffer holds data.
+ */
+static void conn_tls_trim(struct conn *c)
+{
+    if (c->ssl != NULL && conn_trim_ok)
+        SSL_free_buffers(c->ssl);
 }
 
 /* ---- Events ------------------------------------------------------------ */
@@ -330,6 +379,7 @@ static void conn_push_out(struct conn *c)
             off += (size_t)n;
         }
         buf_free(&c->out);
+        conn_tls_trim(c);
     } else if (c->wire.len == 0) {
         struct buf tmp = c->wire;
 
@@ -456,6 +506,12 @@ static void conn_tls_drive(struct conn *c)
             return;
     }
     while (c->owner_reading && !c->closing && !c->tls_failed && !c->tls_eof) {
+        /* With nothing buffered and no ciphertext left, SSL_read would only
+         * say WANT_READ, but it would first allocate a fresh 16 KB record
+         * buffer that SSL_MODE_RELEASE_BUFFERS had just released; an idle
+         * session would keep it. So stop here. */
+        if (!SSL_has_pending(c->ssl) && c->rin_len == 0 && c->rpend.len == c->rpend_off)
+            break;
         if (pbuf == NULL)
             pbuf = xmalloc(CONN_PLAIN_SIZE);
         ERR_clear_error();
@@ -489,8 +545,11 @@ static void conn_tls_drive(struct conn *c)
         conn_tls_fail(c, e, "record layer failure");
         break;
     }
+    if (plen > 0)
+        conn_deliver(c, pbuf, plen);
     free(pbuf);
     conn_kick_write(c);
+    conn_tls_trim(c);
 }
 
 /* ---- Input ------------------------------------------------------------- */
@@ -636,20 +695,20 @@ static struct conn *conn_new(uv_loop_t *loop, conn_read_cb on_read,
 static void conn_set_peer_ip(struct conn *c)
 {
     c->peer_ip[0] = '\0';
-    if (c->peer.ss_family == AF_INET)
-        uv_ip4_name((const struct sockaddr_in *)&c->peer, c->peer_ip, sizeof(c->peer_ip));
-    else if (c->peer.ss_family == AF_INET6)
-        uv_ip6_name((const struct sockaddr_in6 *)&c->peer, c->peer_ip, sizeof(c->peer_ip));
+    if (c->peer.sa.sa_family == AF_INET)
+        uv_ip4_name(&c->peer.in, c->peer_ip, sizeof(c->peer_ip));
+    else if (c->peer.sa.sa_family == AF_INET6)
+        uv_ip6_name(&c->peer.in6, c->peer_ip, sizeof(c->peer_ip));
 }
 
 static void conn_fill_addrs(struct conn *c)
 {
     int len = (int)sizeof(c->peer);
 
-    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer, &len) == 0)
+    if (uv_tcp_getpeername(&c->tcp, &c->peer.sa, &len) == 0)
         conn_set_peer_ip(c);
     len = (int)sizeof(c->local);
-    if (uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&c->local, &len) != 0)
+    if (uv_tcp_getsockname(&c->tcp, &c->local.sa, &len) != 0)
         memset(&c->local, 0, sizeof(c->local));
     uv_tcp_nodelay(&c->tcp, 1);
 }
@@ -922,7 +981,7 @@ const char *conn_tls_error(const struct conn *c)
 
 const struct sockaddr *conn_peer(const struct conn *c)
 {
-    return (const struct sockaddr *)&c->peer;
+    return &c->peer.sa;
 }
 
 const char *conn_peer_ip(const struct conn *c)
@@ -932,7 +991,7 @@ const char *conn_peer_ip(const struct conn *c)
 
 const struct sockaddr *conn_local(const struct conn *c)
 {
-    return (const struct sockaddr *)&c->local;
+    return &c->local.sa;
 }
 
 /* ---- Teardown ---------------------------------------------------------- */

@@ -10,7 +10,9 @@
  */
 #include "router/policy.h"
 
+#include <assert.h>
 #include <ctype.h>
+#include <float.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
@@ -992,7 +994,10 @@ int policy_route_find(const struct policy_config *cfg, const char *name)
 
 void policy_route_info(const struct policy_config *cfg, size_t i, struct policy_route_info *out)
 {
-    const struct route *r = &cfg->routes[i];
+    const struct route *r;
+
+    assert(i < cfg->nroutes);
+    r = &cfg->routes[i];
     out->name = r->name;
     out->transport = r->transport;
     out->priority = (int)r->priority;
@@ -1000,6 +1005,13 @@ void policy_route_info(const struct policy_config *cfg, size_t i, struct policy_
     out->third_party = route_third_party(r);
     out->domain_breaker = r->domain_breaker;
     out->window_ms = r->window * 1000;
+}
+
+/* a + b for b >= 0, saturating at INT64_MAX: breaker and throttle times
+ * come from Redis and may be anything. */
+static int64_t sat_add(int64_t a, int64_t b)
+{
+    return a > INT64_MAX - b ? INT64_MAX : a + b;
 }
 
 /* floor(a / b) for b > 0. */
@@ -1011,9 +1023,11 @@ static int64_t floor_div(int64_t a, int64_t b)
 
 int policy_warmup_day(const struct policy_config *cfg, size_t i, int64_t now_ms)
 {
-    const struct route *r = &cfg->routes[i];
+    const struct route *r;
     int64_t day;
 
+    assert(i < cfg->nroutes);
+    r = &cfg->routes[i];
     if (r->warmup_start < 0 || r->nwarmup == 0)
         return 0;
     day = floor_div(now_ms, MS_DAY) - r->warmup_start + 1;
@@ -1466,6 +1480,8 @@ static int set_route(struct policy_config *cfg, const char *key, const char *val
                     CAP_MAX, shown(got, value));
     }
 
+    if (!strcmp(rest, "domain_caps"))
+        return fail(err, errlen, key, "needs a domain: route.<name>.domain_caps.<domain>");
     k = route_key_find(rest);
     if (!k) {
         if (err && errlen)
@@ -1922,7 +1938,7 @@ static enum policy_reason route_check(const struct check *c, size_t i, int64_t *
 
     switch (rs->breaker.state) {
     case POLICY_BREAKER_OPEN:
-        *avail = rs->breaker.since_ms + breaker_cooldown_ms(r, &rs->breaker);
+        *avail = sat_add(rs->breaker.since_ms, breaker_cooldown_ms(r, &rs->breaker));
         return POLICY_R_OVERFLOW_BREAKER_OPEN;
     case POLICY_BREAKER_HALF_OPEN:
         if (c->probe_rnd >= r->probe_fraction)
@@ -1935,7 +1951,8 @@ static enum policy_reason route_check(const struct check *c, size_t i, int64_t *
     if (r->domain_breaker) {
         switch (rs->domain_breaker.state) {
         case POLICY_BREAKER_OPEN:
-            *avail = rs->domain_breaker.since_ms + breaker_cooldown_ms(r, &rs->domain_breaker);
+            *avail = sat_add(rs->domain_breaker.since_ms,
+                             breaker_cooldown_ms(r, &rs->domain_breaker));
             return POLICY_R_OVERFLOW_DOMAIN_BREAKER_OPEN;
         case POLICY_BREAKER_HALF_OPEN:
             if (c->probe_rnd >= r->probe_fraction)
@@ -2098,7 +2115,7 @@ int policy_decide(const struct policy_config *cfg, const struct policy_state *st
     if (!(rnd >= 0.0))          /* also NaN */
         rnd = 0.0;
     if (rnd >= 1.0)
-        rnd = nextafter(1.0, 0.0);
+        rnd = 1.0 - DBL_EPSILON / 2;    /* the largest double below 1 */
 
     lower_copy(sender, sizeof(sender), m->sender_domain);
     lower_copy(rcpt, sizeof(rcpt), m->rcpt_domain);
@@ -2159,7 +2176,7 @@ int policy_decide(const struct policy_config *cfg, const struct policy_state *st
     /* The probe draw: the fraction of rnd * 65536, a number in [0, 1)
      * that does not depend on which side of a split rnd fell. */
     scaled = rnd * 65536.0;
-    c.probe_rnd = scaled - floor(scaled);
+    c.probe_rnd = scaled - (double)(uint32_t)scaled;
     c.now = now_ms;
     c.nrcpt = m->nrcpt ? m->nrcpt : 1;
 
@@ -2299,12 +2316,14 @@ enum policy_transition policy_breaker_step(const struct policy_config *cfg, size
                                            const struct policy_window *w, int64_t now_ms,
                                            struct policy_breaker *next)
 {
-    const struct route *r = &cfg->routes[i];
+    const struct route *r;
     struct policy_breaker b = *cur;
     enum policy_transition t = POLICY_T_NONE;
     enum policy_cause cause;
     int64_t cd;
 
+    assert(i < cfg->nroutes);
+    r = &cfg->routes[i];
     if (scope == POLICY_SCOPE_DOMAIN && !r->domain_breaker) {
         *next = b;
         return POLICY_T_NONE;
@@ -2323,7 +2342,7 @@ enum policy_transition policy_breaker_step(const struct policy_config *cfg, size
         break;
     case POLICY_BREAKER_OPEN:
         cd = breaker_cooldown_ms(r, cur);
-        if (now_ms >= cur->since_ms + cd) {
+        if (now_ms >= sat_add(cur->since_ms, cd)) {
             b.state = POLICY_BREAKER_HALF_OPEN;
             b.since_ms = now_ms;
             b.cooldown_ms = cd;
@@ -2533,16 +2552,20 @@ void policy_throttle_hit(const struct policy_config *cfg, size_t i,
                          const struct policy_throttle *cur, int64_t now_ms,
                          struct policy_throttle *next)
 {
-    const struct route *r = &cfg->routes[i];
-    int64_t base = r->throttle_backoff * 1000, max = r->throttle_backoff_max * 1000;
-    int64_t backoff = base;
+    const struct route *r;
+    int64_t base, max, backoff;
     uint32_t level;
 
+    assert(i < cfg->nroutes);
+    r = &cfg->routes[i];
+    base = r->throttle_backoff * 1000;
+    max = r->throttle_backoff_max * 1000;
+    backoff = base;
     if (cur->until_ms > now_ms) {
         *next = *cur;
         return;
     }
-    if (cur->level > 0 && now_ms < cur->until_ms + max)
+    if (cur->level > 0 && now_ms < sat_add(cur->until_ms, max))
         level = cur->level < UINT32_MAX ? cur->level + 1 : cur->level;
     else
         level = 1;
@@ -2552,7 +2575,7 @@ void policy_throttle_hit(const struct policy_config *cfg, size_t i,
         backoff = max;
     if (backoff < base)         /* throttle_backoff_max below throttle_backoff */
         backoff = base;
-    next->until_ms = now_ms + backoff;
+    next->until_ms = sat_add(now_ms, backoff);
     next->level = level;
 }
 

@@ -33,7 +33,8 @@
  * The router's life cycle, in order:
  *   1. cfg = policy_config_new(); for each [route NAME] key:
  *      policy_config_set_route(); a key that answers POLICY_E_NOT_POLICY
- *      belongs to the transport. Global keys go through policy_config_set().
+ *      belongs to the transport. Global keys (the [policy] section) go
+ *      through policy_config_set().
  *   2. policy_config_check(): cross-key validation (references, bounds).
  *   3. policy_config_freeze_routes(): the file fixed the set of routes.
  *   4. Every second: live = policy_config_clone(base); apply every field of
@@ -246,9 +247,10 @@ struct policy_breaker {
  * when sent >= min_samples.
  *
  * probe_ok and probe_bad count probe outcomes (policy_decision.probe_*)
- * since the breaker entered half_open; the router keeps them in counters
- * keyed by the breaker's since_ms, so they start from zero in each
- * half-open period and every router reads the same values.
+ * since the breaker entered half_open: a probe is good when its reply
+ * classifies as POLICY_REPLY_OK, bad otherwise. The router keeps them in
+ * counters keyed by the breaker's since_ms, so they start from zero in
+ * each half-open period and every router reads the same values.
  */
 struct policy_window {
     uint64_t sent;
@@ -359,8 +361,9 @@ struct policy_decision {
  * Decides where m goes. rnd is a number in [0, 1) that the router derives
  * from a hash of the queue id, so that retries of a message fall on the
  * same side of a split (values outside are clamped). now_ms is the time
- * in milliseconds since the epoch. The half-open probe draw uses a number
- * derived from rnd (its fraction times 65536), independent of the split.
+ * in milliseconds since the epoch. The half-open probe draw uses the
+ * fractional part of rnd * 65536, which does not depend on the side of a
+ * split rnd fell on.
  *
  * Precedence (docs/policy.md): the intended route is the first of sender
  * pin, recipient pin, class pin, class split, default split, lowest

@@ -119,4 +119,12 @@ void smtp_client_quit(struct smtp_client *c);
 /* Immediate close. A pending callback completes with an error. */
 void smtp_client_close(struct smtp_client *c);
 
+/*
+ * Registers fn to be called, from the loop, right after the client has
+ * freed itself (after smtp_client_quit(), smtp_client_close() or a failed
+ * connect), so that an owner such as a connection pool can tell when all
+ * of its clients are gone. Replaces an earlier registration.
+ */
+void smtp_client_on_free(struct smtp_client *c, void (*fn)(void *arg), void *arg);
+
 #endif

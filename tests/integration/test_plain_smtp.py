@@ -7,7 +7,7 @@ import re
 import smtplib
 import subprocess
 
-from mftest import (check_stored, dot_stuff, ehlo_keywords, queued_id, split_added, unfold)
+from mftest import check_stored, dot_stuff, ehlo_keywords, queued_id, unfold
 
 SENDER = "sender@example.com"
 
@@ -209,7 +209,4 @@ def test_empty_message_and_null_sender(gateway, raw):
     c.send(dot_stuff(msg))
     r = c.reply()
     assert r.code == 250, c.show()
-    h = gateway.stored(queued_id(r.first))
-    check_stored(h, msg, "", ["r@dest.test"])
-    added, _ = split_added(h["data"], msg)
-    assert added[0][0] == "received" or any(n == "received" for n, _ in added)
+    check_stored(gateway.stored(queued_id(r.first)), msg, "", ["r@dest.test"])

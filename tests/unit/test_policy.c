@@ -991,6 +991,7 @@ static const struct set_case set_cases[] = {
     {"route.relay.domain_caps.gmail.com", "10,100", POLICY_E_INVALID, "<minute>,<hour>,<day>"},
     {"route.relay.domain_caps.gmail.com", "a,b,c", POLICY_E_INVALID, NULL},
     {"route.relay.domain_caps.gmail.com", "1,2,3,4", POLICY_E_INVALID, NULL},
+    {"route.relay.domain_caps", "1,2,3", POLICY_E_INVALID, "needs a domain"},
     {"route.relay.domain_caps.gm ail.com", "1,2,3", POLICY_E_INVALID, "is not a domain"},
     {"route.relay.domain_caps.gmail.com", "none", POLICY_OK, NULL},
     {"pin.sender.example.com", "relay", POLICY_OK, NULL},

@@ -22,6 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <openssl/x509.h>
 #include <uv.h>
@@ -1384,6 +1386,90 @@ static void test_connect_bad_source(void **state)
     tcase_free(&t);
 }
 
+/*
+ * A connect that gets no answer: a listener with a full accept queue
+ * (backlog 0 and one connection waiting) makes Linux drop further SYNs.
+ */
+static void test_connect_timeout(void **state)
+{
+    struct tcase t;
+    int lfd, filler;
+    socklen_t alen = sizeof(t.addr);
+    uint64_t t0;
+
+    (void)state;
+    tcase_init(&t, 0);
+    lfd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(lfd >= 0);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&t.addr, sizeof(t.addr)), 0);
+    assert_int_equal(listen(lfd, 0), 0);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&t.addr, &alen), 0);
+    filler = socket(AF_INET, SOCK_STREAM, 0);
+    assert_int_equal(connect(filler, (struct sockaddr *)&t.addr, sizeof(t.addr)), 0);
+    t0 = uv_now(&t.loop);
+    tcase_connect(&t, 200, 0);
+    tcase_run(&t);
+    assert_true(uv_now(&t.loop) - t0 >= 190);
+    assert_int_equal(t.cli.ev[CONN_EV_CONNECTED], 0);
+    assert_int_equal(t.cli.ev[CONN_EV_ERROR], 1);
+    assert_int_equal(t.cli.err, UV_ETIMEDOUT);
+    assert_int_equal(t.cli.ev[CONN_EV_CLOSED], 1);
+    close(filler);
+    close(lfd);
+    tcase_free(&t);
+}
+
+/*
+ * A graceful close whose peer never closes its side gives up after about
+ * 5 s: the server closes, the client ignores the EOF and only closes once
+ * the server's CONN_EV_CLOSED has come.
+ */
+static uint64_t g_close_started;
+
+static void stuck_accept(struct tcase *t)
+{
+    w_writes(t->srv.c, "221 bye\r\n");
+    g_close_started = uv_now(&t->loop);
+    w_close(t->srv.c);
+}
+
+static void stuck_srv_ev(struct peer *p, enum conn_event ev, int status)
+{
+    (void)status;
+    if (ev == CONN_EV_CLOSED) {
+        uint64_t waited = uv_now(&p->t->loop) - g_close_started;
+
+        assert_true(waited >= 4900 && waited < 7000);
+        assert_non_null(p->t->cli.c);
+        w_close(p->t->cli.c);
+    }
+}
+
+static void stuck_cli_ev(struct peer *p, enum conn_event ev, int status)
+{
+    (void)status;
+    if (ev == CONN_EV_CONNECTED)
+        w_read_start(p->c);
+}
+
+static void test_close_timeout(void **state)
+{
+    struct tcase t;
+
+    (void)state;
+    tcase_init(&t, 1);
+    t.on_accept = stuck_accept;
+    t.srv.on_ev = stuck_srv_ev;
+    t.cli.on_ev = stuck_cli_ev;
+    tcase_connect(&t, 5000, 0);
+    tcase_run(&t);
+    check_clean(&t.srv);
+    check_clean(&t.cli);
+    assert_int_equal(t.cli.ev[CONN_EV_EOF], 1);
+    assert_string_equal(t.cli.in.data, "221 bye\r\n");
+    tcase_free(&t);
+}
+
 /* ---- Contexts ---------------------------------------------------------- */
 
 static void test_ctx_errors(void **state)
@@ -1448,6 +1534,8 @@ int main(void)
         cmocka_unit_test(test_connect_abort),
         cmocka_unit_test(test_connect_close),
         cmocka_unit_test(test_connect_bad_source),
+        cmocka_unit_test(test_connect_timeout),
+        cmocka_unit_test(test_close_timeout),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
