@@ -75,6 +75,7 @@ static int check_redis(struct mf_config *, const struct cfg_row *, char *, size_
 static int check_prefix(struct mf_config *, const struct cfg_row *, char *, size_t);
 static int check_listen(struct mf_config *, const struct cfg_row *, char *, size_t);
 static int check_hostname(struct mf_config *, const struct cfg_row *, char *, size_t);
+static int check_retry(struct mf_config *, const struct cfg_row *, char *, size_t);
 static int check_networks(struct mf_config *, const struct cfg_row *, char *, size_t);
 
 static const struct cfg_choice bare_newline_choices[] = {
@@ -134,6 +135,20 @@ static const struct cfg_row cfg_rows[] = {
     ENUM("gateway", "bare_newline", "reject", bare_newline_choices, gateway.bare_newline),
     SIZE("gateway", "max_pending_bytes", "67108864", 65536, 68719476736LL,
          gateway.max_pending_bytes),
+
+    STR("router", "consumer", NULL, router.consumer, NULL, 0),
+    STR("router", "hostname", NULL, router.hostname, check_hostname, 0),
+    INT("router", "concurrency", "100", 1, 100000, router.concurrency),
+    INT("router", "batch", "32", 1, 1000, router.batch),
+    INT("router", "claim_idle", "300", 1, 86400, router.claim_idle),
+    /* Near Postfix: first retry after 5 minutes, doubling, capped near
+     * 67 minutes (minimal_backoff_time 300s, maximal_backoff_time 4000s). */
+    STR("router", "retry_schedule", "300,600,1200,2400,4000", router.retry_schedule,
+        check_retry, 0),
+    INT("router", "max_queue_lifetime", "432000", 1, 31536000, router.max_queue_lifetime),
+    INT("router", "hold_retry", "60", 1, 86400, router.hold_retry),
+    INT("router", "events_maxlen", "100000", 100, 100000000, router.events_maxlen),
+    INT("router", "policy_refresh", "1000", 100, 60000, router.policy_refresh),
 };
 
 #undef F
@@ -1108,6 +1123,49 @@ static int valid_domain(const char *s)
     }
 }
 
+/* retry_schedule: seconds between attempts, "300,600,..."; the last
+ * value repeats until max_queue_lifetime. */
+static int check_retry(struct mf_config *cfg, const struct cfg_row *r, char *why, size_t n)
+{
+    const char *p = *(char **)field_ptr(cfg, r);
+    long long *v = NULL;
+    size_t nv = 0;
+
+    while (p && *p) {
+        char *end;
+        long long x;
+
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        if (*p == '\0')
+            break;
+        errno = 0;
+        x = strtoll(p, &end, 10);
+        if (end == p || errno || x < 1 || x > 31536000 || nv >= 64) {
+            snprintf(why, n, "must be a comma list of 1 to 64 intervals in seconds "
+                     "(1..31536000)");
+            free(v);
+            return -1;
+        }
+        v = xrealloc(v, (nv + 1) * sizeof(*v));
+        v[nv++] = x;
+        p = end;
+        if (*p && *p != ',' && *p != ' ' && *p != '\t') {
+            snprintf(why, n, "must be a comma list of intervals in seconds");
+            free(v);
+            return -1;
+        }
+    }
+    if (nv == 0) {
+        snprintf(why, n, "must list at least one interval");
+        return -1;
+    }
+    free(cfg->router.retry);
+    cfg->router.retry = v;
+    cfg->router.nretry = nv;
+    return 0;
+}
+
 static int check_hostname(struct mf_config *cfg, const struct cfg_row *r, char *why, size_t n)
 {
     char **f = field_ptr(cfg, r);
@@ -1256,6 +1314,7 @@ void config_free(struct mf_config *cfg)
             free(*(char **)field_ptr(cfg, &cfg_rows[i]));
     }
     free(cfg->path);
+    free(cfg->router.retry);
     free(cfg->queue.url.host);
     free(cfg->queue.url.password);
     free(cfg->gateway.listen_addrs.v);

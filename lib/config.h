@@ -96,6 +96,21 @@ struct mf_config {
         long long max_pending_bytes;  /* Redis write backlog before reads stop */
     } gateway;
 
+    struct {
+        char *consumer;               /* stream consumer name; default host-pid */
+        char *hostname;               /* Reporting-MTA of bounces; default gethostname() */
+        int concurrency;              /* messages in delivery at once */
+        int batch;                    /* stream entries read per XREADGROUP */
+        int claim_idle;               /* seconds before another router's entry is claimed */
+        char *retry_schedule;         /* seconds between attempts, comma list */
+        long long *retry;             /* parsed retry_schedule */
+        size_t nretry;
+        int max_queue_lifetime;       /* seconds before a message expires */
+        int hold_retry;               /* seconds before a held group is tried again */
+        int events_maxlen;            /* approximate cap of <prefix>events */
+        int policy_refresh;           /* ms between reads of <prefix>policy */
+    } router;
+
     struct config_named *named;
     size_t nnamed;
 };

@@ -1881,6 +1881,29 @@ static void *domain_lookup(const void *base, size_t n, size_t sz, const char *do
     return NULL;
 }
 
+void policy_route_caps(const struct policy_config *cfg, size_t i, const char *rcpt_domain,
+                       int64_t now_ms, struct policy_caps *out)
+{
+    const struct route *r = &cfg->routes[i];
+    const struct domcap *dc = NULL;
+    char dom[DOMAIN_MAX + 1];
+
+    out->minute = r->cap_minute;
+    out->hour = r->cap_hour;
+    out->day = (int64_t)policy_route_day_cap(cfg, i, now_ms);
+    out->domain_minute = r->dcap_minute;
+    out->domain_hour = r->dcap_hour;
+    out->domain_day = r->dcap_day;
+    lower_copy(dom, sizeof(dom), rcpt_domain);
+    if (r->ndcaps && dom[0])
+        dc = domain_lookup(r->dcaps, r->ndcaps, sizeof(*r->dcaps), dom);
+    if (dc) {
+        out->domain_minute = dc->cap[0];
+        out->domain_hour = dc->cap[1];
+        out->domain_day = dc->cap[2];
+    }
+}
+
 /* A route that can take the message is ROUTE_OK; otherwise the reason it
  * hands over, and *avail the time it frees up (0 if unknown or never). */
 #define ROUTE_OK POLICY_R__COUNT
@@ -1977,29 +2000,22 @@ static enum policy_reason route_check(const struct check *c, size_t i, int64_t *
             int64_t period;
             enum policy_reason reason;
         } caps[6];
-        int64_t day_cap = (int64_t)policy_route_day_cap(c->cfg, i, c->now);
-        int64_t dcap[3] = {r->dcap_minute, r->dcap_hour, r->dcap_day};
-        const struct domcap *dc = NULL;
-        char dom[DOMAIN_MAX + 1];
+        struct policy_caps pc;
 
-        lower_copy(dom, sizeof(dom), c->m->rcpt_domain);
-        if (r->ndcaps && dom[0])
-            dc = domain_lookup(r->dcaps, r->ndcaps, sizeof(*r->dcaps), dom);
-        if (dc)
-            memcpy(dcap, dc->cap, sizeof(dcap));
-        caps[0] = (struct capcheck){rs->sent.day, day_cap, MS_DAY,
+        policy_route_caps(c->cfg, i, c->m->rcpt_domain, c->now, &pc);
+        caps[0] = (struct capcheck){rs->sent.day, pc.day, MS_DAY,
                                     policy_warmup_day(c->cfg, i, c->now) > 0
                                         ? POLICY_R_OVERFLOW_WARMUP_CAP
                                         : POLICY_R_OVERFLOW_CAP_DAY};
-        caps[1] = (struct capcheck){rs->sent.hour, r->cap_hour, MS_HOUR,
+        caps[1] = (struct capcheck){rs->sent.hour, pc.hour, MS_HOUR,
                                     POLICY_R_OVERFLOW_CAP_HOUR};
-        caps[2] = (struct capcheck){rs->sent.minute, r->cap_minute, MS_MINUTE,
+        caps[2] = (struct capcheck){rs->sent.minute, pc.minute, MS_MINUTE,
                                     POLICY_R_OVERFLOW_CAP_MINUTE};
-        caps[3] = (struct capcheck){rs->domain_sent.day, dcap[2], MS_DAY,
+        caps[3] = (struct capcheck){rs->domain_sent.day, pc.domain_day, MS_DAY,
                                     POLICY_R_OVERFLOW_DOMAIN_CAP_DAY};
-        caps[4] = (struct capcheck){rs->domain_sent.hour, dcap[1], MS_HOUR,
+        caps[4] = (struct capcheck){rs->domain_sent.hour, pc.domain_hour, MS_HOUR,
                                     POLICY_R_OVERFLOW_DOMAIN_CAP_HOUR};
-        caps[5] = (struct capcheck){rs->domain_sent.minute, dcap[0], MS_MINUTE,
+        caps[5] = (struct capcheck){rs->domain_sent.minute, pc.domain_minute, MS_MINUTE,
                                     POLICY_R_OVERFLOW_DOMAIN_CAP_MINUTE};
         for (int j = 0; j < 6; j++) {
             if (cap_exceeded(caps[j].count, c->nrcpt, caps[j].cap)) {

@@ -195,6 +195,19 @@ int policy_warmup_day(const struct policy_config *cfg, size_t i, int64_t now_ms)
  * lower and not 0) during warm-up, else cap_day. 0 means no cap. */
 uint64_t policy_route_day_cap(const struct policy_config *cfg, size_t i, int64_t now_ms);
 
+/* Every cap of route i that applies to mail for rcpt_domain at now_ms
+ * (0 = no cap): the route's minute, hour and day caps (the day cap with the
+ * warm-up applied) and the destination domain's (domain_caps.<domain> for
+ * the domain or a parent, else domain_cap_*). The router enforces these
+ * atomically in Redis with the same rule as policy_decide(): a group fits
+ * when the bucket is empty or count + nrcpt <= cap. */
+struct policy_caps {
+    int64_t minute, hour, day;
+    int64_t domain_minute, domain_hour, domain_day;
+};
+void policy_route_caps(const struct policy_config *cfg, size_t i, const char *rcpt_domain,
+                       int64_t now_ms, struct policy_caps *out);
+
 /* ---- Live state -------------------------------------------------------- */
 
 /*
