@@ -213,21 +213,6 @@ static int conn_bio_create(BIO *b)
     return 1;
 }
 
-static int conn_free_buffers_safe(unsigned long v);
-
-static void conn_bio_init(void)
-{
-    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "mailferry conn");
-
-    if (m == NULL || BIO_meth_set_write(m, conn_bio_write) != 1 ||
-        BIO_meth_set_read(m, conn_bio_read) != 1 ||
-        BIO_meth_set_ctrl(m, conn_bio_ctrl) != 1 ||
-        BIO_meth_set_create(m, conn_bio_create) != 1)
-        log_fatal("event=tls_init reason=\"cannot create the conn BIO method\"");
-    conn_bio_method = m;
-    conn_trim_ok = conn_free_buffers_safe(OpenSSL_version_num());
-}
-
 /*
  * SSL_free_buffers() could free a buffer still in use before the fix for
  * CVE-2024-4741 (3.0.14, 3.1.6, 3.2.2, 3.3.1); with an older library
@@ -246,6 +231,19 @@ static int conn_free_buffers_safe(unsigned long v)
     if (mm == 0x303)
         return v >= 0x30300010UL;
     return v >= 0x30400000UL;
+}
+
+static void conn_bio_init(void)
+{
+    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "mailferry conn");
+
+    if (m == NULL || BIO_meth_set_write(m, conn_bio_write) != 1 ||
+        BIO_meth_set_read(m, conn_bio_read) != 1 ||
+        BIO_meth_set_ctrl(m, conn_bio_ctrl) != 1 ||
+        BIO_meth_set_create(m, conn_bio_create) != 1)
+        log_fatal("event=tls_init reason=\"cannot create the conn BIO method\"");
+    conn_bio_method = m;
+    conn_trim_ok = conn_free_buffers_safe(OpenSSL_version_num());
 }
 
 /*
