@@ -1,7 +1,7 @@
 /*
  * mailferry: one daemon binary, roles as subcommands.
  *
- *   mailferry [--config FILE] [--check-config] gateway
+ *   mailferry [--config FILE] [--check-config] gateway|router|all
  *   mailferry --check-config --config FILE
  *
  * Signals: SIGTERM/SIGINT stop gracefully (exit 0), SIGHUP reloads TLS
@@ -17,14 +17,17 @@
 #include "lib/config.h"
 #include "lib/log.h"
 #include "lib/queue.h"
+#include "router/router.h"
 
 struct mf_main {
     uv_loop_t *loop;
     struct mf_config cfg;
     struct queue *queue;
     struct gateway *gateway;
+    struct router *router;
     uv_signal_t sigterm, sigint, sighup;
     int stopping;
+    int parts;                /* roles still running */
 };
 
 static void usage(FILE *f)
@@ -34,6 +37,8 @@ static void usage(FILE *f)
             "       mailferry --check-config --config FILE\n"
             "roles:\n"
             "  gateway   SMTP front end: accepts mail into the Redis queue\n"
+            "  router    delivers queued mail through the configured routes\n"
+            "  all       gateway and router in one process\n"
             "options:\n"
             "  --config FILE    configuration file (INI); MAILFERRY_<SECTION>_<KEY>\n"
             "                   environment variables override it\n"
@@ -47,13 +52,22 @@ static void main_close_walk(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
-static void main_queue_closed(void *arg)
+static void main_close_signals(struct mf_main *m)
 {
-    struct mf_main *m = arg;
-
     uv_close((uv_handle_t *)&m->sigterm, NULL);
     uv_close((uv_handle_t *)&m->sigint, NULL);
     uv_close((uv_handle_t *)&m->sighup, NULL);
+}
+
+static void main_part_done(struct mf_main *m)
+{
+    if (--m->parts == 0)
+        main_close_signals(m);
+}
+
+static void main_queue_closed(void *arg)
+{
+    main_part_done(arg);
 }
 
 static void main_gateway_done(void *arg)
@@ -64,6 +78,14 @@ static void main_gateway_done(void *arg)
     m->gateway = NULL;
     queue_close(m->queue, main_queue_closed, m);
     m->queue = NULL;
+}
+
+static void main_router_done(void *arg)
+{
+    struct mf_main *m = arg;
+
+    m->router = NULL;
+    main_part_done(m);
 }
 
 static void main_on_signal(uv_signal_t *h, int signum)
@@ -82,19 +104,32 @@ static void main_on_signal(uv_signal_t *h, int signum)
     m->stopping = 1;
     if (m->gateway)
         gateway_shutdown(m->gateway, main_gateway_done, m);
+    if (m->router)
+        router_shutdown(m->router, main_router_done, m);
 }
 
-static int main_gateway(struct mf_main *m)
+/* Runs the roles on one loop until SIGTERM/SIGINT has stopped them all. */
+static int main_run(struct mf_main *m, int gateway, int router, const char *role)
 {
     char err[1024];
 
     m->loop = uv_default_loop();
-    m->queue = queue_new(m->loop, &m->cfg);
-    m->gateway = gateway_new(m->loop, &m->cfg, m->queue, err, sizeof(err));
-    if (m->gateway == NULL) {
-        fprintf(stderr, "mailferry: %s\n", err);
-        log_error("event=start result=fail reason=listen");
-        return 1;
+    if (gateway) {
+        m->queue = queue_new(m->loop, &m->cfg);
+        m->gateway = gateway_new(m->loop, &m->cfg, m->queue, err, sizeof(err));
+        if (m->gateway == NULL) {
+            fprintf(stderr, "mailferry: %s\n", err);
+            return 1;
+        }
+        m->parts++;
+    }
+    if (router) {
+        m->router = router_new(m->loop, &m->cfg, err, sizeof(err));
+        if (m->router == NULL) {
+            fprintf(stderr, "mailferry: %s\n", err);
+            return 1;
+        }
+        m->parts++;
     }
     uv_signal_init(m->loop, &m->sigterm);
     uv_signal_init(m->loop, &m->sigint);
@@ -103,15 +138,23 @@ static int main_gateway(struct mf_main *m)
     uv_signal_start(&m->sigterm, main_on_signal, SIGTERM);
     uv_signal_start(&m->sigint, main_on_signal, SIGINT);
     uv_signal_start(&m->sighup, main_on_signal, SIGHUP);
-    log_info("event=start role=gateway hostname=%s redis=%s:%d", m->cfg.gateway.hostname,
-             m->cfg.queue.url.host, m->cfg.queue.url.port);
+    log_info("event=start role=%s redis=%s:%d", role, m->cfg.queue.url.host, m->cfg.queue.url.port);
     uv_run(m->loop, UV_RUN_DEFAULT);
     /* Anything still open (there should be nothing) is closed so that the
      * loop can be released without leaks. */
     uv_walk(m->loop, main_close_walk, NULL);
     uv_run(m->loop, UV_RUN_DEFAULT);
     uv_loop_close(m->loop);
-    log_info("event=exit role=gateway");
+    log_info("event=exit role=%s", role);
+    return 0;
+}
+
+/* Whether the configuration has any [route NAME] section. */
+static int main_has_routes(const struct mf_config *cfg)
+{
+    for (size_t i = 0; i < cfg->nnamed; i++)
+        if (strcmp(cfg->named[i].kind, "route") == 0)
+            return 1;
     return 0;
 }
 
@@ -148,7 +191,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (role && strcmp(role, "gateway") != 0) {
+    if (role && strcmp(role, "gateway") != 0 && strcmp(role, "router") != 0 &&
+        strcmp(role, "all") != 0) {
         fprintf(stderr, "mailferry: unknown role %s\n", role);
         usage(stderr);
         return 2;
@@ -168,7 +212,10 @@ int main(int argc, char **argv)
         config_free(&m.cfg);
         return 0;
     }
-    if (gateway_check(&m.cfg, err, sizeof(err)) != 0) {
+    int gw = role == NULL || strcmp(role, "gateway") == 0 || strcmp(role, "all") == 0;
+    int rt = role ? strcmp(role, "router") == 0 || strcmp(role, "all") == 0 : main_has_routes(&m.cfg);
+    if ((gw && gateway_check(&m.cfg, err, sizeof(err)) != 0) ||
+        (rt && router_check(&m.cfg, err, sizeof(err)) != 0)) {
         fprintf(stderr, "mailferry: %s\n", err);
         config_free(&m.cfg);
         return 1;
@@ -178,7 +225,7 @@ int main(int argc, char **argv)
         config_free(&m.cfg);
         return 0;
     }
-    rc = main_gateway(&m);
+    rc = main_run(&m, gw, rt, role);
     config_free(&m.cfg);
     return rc;
 }

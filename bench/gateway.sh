@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
         -m|--messages|-s|--sessions|-l|--size|--modes|--only|--idle|--idle-sources|--gateway-log-level|--timeout)
             [ $# -ge 2 ] || { echo "gateway.sh: $1 needs a value" >&2; exit 2; }
             pyargs+=("$1" "$2"); shift 2 ;;
-        --keep) keep=1; shift ;;
+        --keep) keep=1; pyargs+=(--keep); shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "gateway.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -66,9 +66,11 @@ cleanup() {
             fi
         done < "$work/pids"
     fi
-    if [ -f "$work/postfix/etc/main.cf" ] && [ -f "$work/postfix/queue/pid/master.pid" ]; then
-        /usr/sbin/postfix -c "$work/postfix/etc" abort >/dev/null 2>&1 || true
-    fi
+    for pf in "$work"/postfix-*; do
+        if [ -f "$pf/etc/main.cf" ] && [ -f "$pf/queue/pid/master.pid" ]; then
+            /usr/sbin/postfix -c "$pf/etc" abort >/dev/null 2>&1 || true
+        fi
+    done
     if [ "$keep" = 1 ]; then
         echo "work directory kept: $work" >&2
     else

@@ -30,6 +30,7 @@ import argparse
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -341,9 +342,10 @@ biff = no
 
 
 class Postfix:
-    def __init__(self, procs, workdir, plimit):
+    def __init__(self, procs, workdir, plimit, tag, keep):
         self.port = free_port()
-        self.dir = os.path.join(workdir, "postfix")
+        self.keep = keep
+        self.dir = os.path.join(workdir, f"postfix-{tag}")
         self.etc = os.path.join(self.dir, "etc")
         self.queue = os.path.join(self.dir, "queue")
         data = os.path.join(self.dir, "data")
@@ -372,10 +374,10 @@ class Postfix:
         with open(os.path.join(self.etc, "master.cf"), "w") as f:
             f.writelines(out)
         self.run(POSTFIX, "check")
+        self.master = None
         procs.add_stopper("postfix", self.stop)
         self.run(POSTFIX, "start")
         deadline = time.monotonic() + 20
-        self.master = None
         while self.master is None and time.monotonic() < deadline:
             try:
                 with open(os.path.join(self.queue, "pid", "master.pid")) as f:
@@ -415,22 +417,19 @@ class Postfix:
         time.sleep(0.5)
         return self.count("incoming", "active", "maildrop", "deferred", "hold")
 
-    def empty(self):
-        self.run(POSTSUPER, "-d", "ALL")
-        deadline = time.monotonic() + 120
-        while self.count("incoming", "active", "deferred", "maildrop") and \
-                time.monotonic() < deadline:
-            time.sleep(0.5)
-            self.run(POSTSUPER, "-d", "ALL")
-
     def stop(self):
+        """Stops the instance (idempotent) and removes its folder."""
+        if self.master is None:
+            return
         subprocess.run([POSTFIX, "-c", self.etc, "abort"], capture_output=True, timeout=60)
-        if self.master is not None:
-            deadline = time.monotonic() + 10
-            while proc_stat(self.master) is not None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if proc_stat(self.master) is not None:
-                os.kill(self.master, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while proc_stat(self.master) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc_stat(self.master) is not None:
+            os.kill(self.master, signal.SIGKILL)
+        self.master = None
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- runs
@@ -492,8 +491,11 @@ def measure(target, env, args, sessions, mode):
         roots = [gw.pid, redis.proc.pid]
         port = gw.port
     elif target == "c":
-        pf = env["postfix"]
-        pf.empty()
+        # A fresh instance for every run, so each starts from an empty
+        # queue on fresh directories, like the gateway's flushed Redis.
+        env["postfix_runs"] = env.get("postfix_runs", 0) + 1
+        pf = Postfix(env["procs"], args.workdir, env["postfix_plimit"],
+                     str(env["postfix_runs"]), args.keep)
         time.sleep(1.0)
         roots = [pf.master]
         port = pf.port
@@ -514,6 +516,7 @@ def measure(target, env, args, sessions, mode):
     elif target == "c":
         stored = pf.settle(count)
         cpu1 = cpu_seconds(roots)
+        pf.stop()
     else:
         stored = None
         cpu1 = cpu_seconds(roots)
@@ -630,9 +633,10 @@ def header(args, env):
     print(f"  messages {args.messages} x {args.size} bytes payload; sessions "
           f"{' '.join(map(str, args.sessions))}; modes {' '.join(args.modes)}; "
           f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
-    for k in ("gateway", "postfix"):
-        if k in env:
-            print(f"  {k} greeting: {env[k].greeting}")
+    if "gateway" in env:
+        print(f"  gateway greeting: {env['gateway'].greeting}")
+    if "postfix_greeting" in env:
+        print(f"  postfix greeting: {env['postfix_greeting']}")
     print("  server CPU: gateway + redis-server | every postfix process | smtp-sink, "
           "from /proc/PID/stat")
     sys.stdout.flush()
@@ -653,6 +657,7 @@ def main():
     ap.add_argument("--idle-sources", default="")
     ap.add_argument("--gateway-log-level", default="")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     args.sessions = [int(x) for x in args.sessions.replace(",", " ").split()]
     args.modes = args.modes.replace(",", " ").split()
@@ -687,8 +692,16 @@ def main():
                                      "gateway", args.max_connections, args.gateway_log_level)
             smtp_smoke(env["gateway"].port, "gateway")
         if "c" in only:
-            env["postfix"] = Postfix(procs, args.workdir, max(200, 2 * max(args.sessions) + 50))
-            smtp_smoke(env["postfix"].port, "postfix")
+            # A first instance checks the setup with one message; each run
+            # then gets its own fresh instance.
+            env["procs"] = procs
+            env["postfix_plimit"] = max(200, 2 * max(args.sessions) + 50)
+            pf = Postfix(procs, args.workdir, env["postfix_plimit"], "check", args.keep)
+            smtp_smoke(pf.port, "postfix")
+            env["postfix_greeting"] = pf.greeting
+            if pf.settle(1, timeout=30) != 1:
+                raise BenchError(f"postfix did not queue the test message; see {pf.dir}/maillog")
+            pf.stop()
         if "d" in only:
             env["sink_port"] = free_port()
             env["sink"] = procs.popen("smtp-sink", [

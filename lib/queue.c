@@ -575,7 +575,9 @@ static void queue_on_hs_reply(redisAsyncContext *ac, void *rp, void *privdata)
 
 static int queue_send_hs(struct queue *q, int cmd, int argc, const char **argv)
 {
-    size_t lens[4];
+    size_t lens[8];
+
+    assert(argc <= 8);
 
     for (int i = 0; i < argc; i++)
         lens[i] = strlen(argv[i]);
@@ -633,6 +635,71 @@ static void queue_ev_closed(uv_handle_t *h)
     queue_maybe_closed(q);
 }
 
+/*
+ * Poll callback used instead of the adapter's redisLibuvPoll(). libuv
+ * reports POLLERR (a connection reset by the peer, e.g. Redis killed while
+ * our commands sat unread in its socket) as a negative status and stops the
+ * handle; the 0.14 adapter ignores that status, so the loss would only be
+ * found by the watchdog, or never on an idle connection. Reading makes
+ * hiredis fetch the socket error and disconnect.
+ */
+static void queue_ev_poll(uv_poll_t *h, int status, int events)
+{
+    redisLibuvEvents *p = h->data;
+
+    if (p->context == NULL)
+        return;
+    if (status < 0) {
+        redisAsyncHandleRead(p->context);
+        return;
+    }
+    if (events & UV_READABLE)
+        redisAsyncHandleRead(p->context);
+    /* The read may have freed the context (cleanup clears p->context). */
+    if (p->context != NULL && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(p->context);
+}
+
+static void queue_ev_update(redisLibuvEvents *p)
+{
+    if (p->events)
+        uv_poll_start(&p->handle, p->events, queue_ev_poll);
+    else
+        uv_poll_stop(&p->handle);
+}
+
+static void queue_ev_add_read(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+
+    p->events |= UV_READABLE;
+    queue_ev_update(p);
+}
+
+static void queue_ev_del_read(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+
+    p->events &= ~UV_READABLE;
+    queue_ev_update(p);
+}
+
+static void queue_ev_add_write(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+
+    p->events |= UV_WRITABLE;
+    queue_ev_update(p);
+}
+
+static void queue_ev_del_write(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+
+    p->events &= ~UV_WRITABLE;
+    queue_ev_update(p);
+}
+
 /* Replaces the adapter's redisLibuvCleanup(): same work, but the close of
  * the poll handle is counted so that queue_close() can wait for it. */
 static void queue_ev_cleanup(void *privdata)
@@ -681,7 +748,13 @@ static void queue_connect(struct queue *q)
         queue_gone(q, "connect: cannot watch the socket");
         return;
     }
+    /* redisLibuvAttach() set up the uv_poll_t; its hooks are replaced by
+     * the ones above (error status handled, close counted). */
     ac->data = q;
+    ac->ev.addRead = queue_ev_add_read;
+    ac->ev.delRead = queue_ev_del_read;
+    ac->ev.addWrite = queue_ev_add_write;
+    ac->ev.delWrite = queue_ev_del_write;
     ac->ev.cleanup = queue_ev_cleanup;
     /* Dead peers behind a silent network are found by keepalive even when
      * no command is in flight. */

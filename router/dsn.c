@@ -6,9 +6,10 @@
  * dsn_should_bounce() with its Content-Type reader.
  *
  * Nothing here reads a clock or does I/O. Every input octet that ends up in
- * a header field or in parts 1 and 2 passes through a sanitiser that keeps
- * printable ASCII only, so no input can end a field, a part or the header
- * section early. Part 3 copies the original and only normalises line ends
+ * a header field or in parts 1 and 2 is either checked (ids, host names and
+ * addresses hold no control characters) or passes through a sanitiser that
+ * keeps printable ASCII only, so no input can end a field, a part or the
+ * header section early. Part 3 copies the original and only normalises line ends
  * and over-long lines.
  */
 #include "router/dsn.h"

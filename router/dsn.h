@@ -65,7 +65,8 @@ struct dsn_rcpt {
      * to mx.example.com: Connection refused"). NULL or "" when none. Any
      * octets are accepted; the DSN shows them sanitised to printable ASCII. */
     const char *diagnostic;
-    /* The host that gave the reply ("mx.example.com"), or NULL. */
+    /* The host that gave the reply ("mx.example.com"), or NULL. Shown
+     * sanitised like diagnostic and cut to DSN_DIAG_MAX octets. */
     const char *remote_mta;
     /* Time of the last delivery attempt, or <= 0 when unknown (then the
      * Last-Attempt-Date field is left out). */
@@ -149,8 +150,10 @@ struct dsn_input {
  * in the 7-bit utf-8-addr-xtext form for a non-ASCII one (RFC 6533 section
  * 3), so the delivery-status part is always 7-bit. Diagnostic-Code is
  * "smtp; <code> [<enhanced>] <text>" when there was a reply, else
- * "X-mailferry; <text>", folded at spaces (a run of more than ~900 octets
- * without a space is cut with a fold, which adds a space on unfolding).
+ * "X-mailferry; <text>", folded at spaces. A word too long for a
+ * 998-octet line (a reply text without spaces, or a non-ASCII
+ * Final-Recipient made mostly of '+', '=', backslashes or spaces) is cut
+ * with a fold, which adds a space on unfolding.
  *
  * The original is copied octet for octet with two exceptions, both needed
  * for the result to be a valid message: every line end (CRLF, bare LF,

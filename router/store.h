@@ -42,6 +42,9 @@ struct store_rcpt {
     char *remote;                /* who answered, may be NULL */
     int64_t t;                   /* time of the last attempt, ms */
     int attempts;
+    int bounced;                 /* a DSN for this failure was queued */
+    int dirty;                   /* changed since loaded: written by the
+                                    finish functions */
 };
 
 /* One message as loaded from msg:<id>. */
@@ -186,15 +189,17 @@ struct store_outcome {
 void store_record(struct store *s, const struct store_msg *m, const struct store_outcome *o,
                   void (*cb)(int status, void *arg), void *arg);
 
-/* Final step while recipients remain deferred: attempts and next attempt
- * time on the message, <prefix>retry at due_ms, and the stream entry
- * acknowledged, in one MULTI/EXEC. */
+/* Final step while recipients remain deferred: the state of recipients
+ * marked dirty, attempts and next attempt time on the message,
+ * <prefix>retry at due_ms, and the stream entry acknowledged, in one
+ * MULTI/EXEC. */
 void store_finish_retry(struct store *s, const struct store_msg *m, const char *stream_id,
                         int64_t due_ms, void (*cb)(int status, void *arg), void *arg);
 
 /* Final step when every recipient is final: acknowledges the entry and
- * deletes the message; with dead_reason non-NULL the message is kept and
- * an entry goes to <prefix>dead instead. */
+ * deletes the message; with dead_reason non-NULL the message is kept (with
+ * its dirty recipient states written) and an entry goes to <prefix>dead
+ * instead. */
 void store_finish_done(struct store *s, const struct store_msg *m, const char *stream_id,
                        const char *dead_reason, void (*cb)(int status, void *arg), void *arg);
 

@@ -1296,8 +1296,30 @@ static void sc_on_timer(uv_timer_t *t)
     case SC_TX_DOT:
         snprintf(why, sizeof(why), "timeout waiting for reply to end of data");
         break;
+    case SC_TLS_IMPLICIT:
+    case SC_TLS:
+        snprintf(why, sizeof(why), "timeout during TLS handshake");
+        break;
+    case SC_GREETING:
+        snprintf(why, sizeof(why), "timeout waiting for greeting");
+        break;
+    case SC_EHLO:
+    case SC_HELO:
+    case SC_STARTTLS:
+        snprintf(why, sizeof(why), "timeout waiting for reply to %s",
+                 c->state == SC_EHLO ? "EHLO" : c->state == SC_HELO ? "HELO" : "STARTTLS");
+        break;
+    case SC_AUTH:
+    case SC_AUTH_LOGIN_USER:
+    case SC_AUTH_LOGIN_PASS:
+        snprintf(why, sizeof(why), "timeout waiting for reply to AUTH");
+        break;
+    case SC_TX_RSET:
+        snprintf(why, sizeof(why), "timeout waiting for reply to RSET");
+        break;
     default:
-        snprintf(why, sizeof(why), "timeout in state %s", sc_state_names[c->state]);
+        snprintf(why, sizeof(why), "timeout waiting for reply (state %s)",
+                 sc_state_names[c->state]);
         break;
     }
     log_info("client=%u peer=%s event=timeout state=%s", c->id, c->peer,
