@@ -388,7 +388,8 @@ static void job_finalize(struct job *j)
 
 /* ---- start ------------------------------------------------------------------- */
 
-/* RFC 3463 4.4.7: delivery time expired. */
+/* Fails every pending recipient: the message outlived
+ * [router] max_queue_lifetime (RFC 3463 4.4.7, delivery time expired). */
 static void job_expire(struct job *j)
 {
     const struct mf_config *cfg = router_config(j->r);
@@ -403,12 +404,14 @@ static void job_expire(struct job *j)
             continue;
         r->state = STORE_RCPT_FAILED;
         r->dirty = 1;
+        /* The last reply stays as the diagnostic; without one the DSN
+         * says why: expired (dsn_build derives status 4.4.7). */
         if (r->code == 0 || r->text == NULL) {
             r->code = 0;
             free(r->text);
             r->text = xstrdup(text);
+            r->enh[0] = '\0';
         }
-        snprintf(r->enh, sizeof(r->enh), "4.4.7");
     }
     log_info("id=%s event=expired lifetime_s=%d", j->m->id, cfg->router.max_queue_lifetime);
 }
