@@ -40,6 +40,10 @@
  *    gone. The module installs an equivalent hook that also counts those
  *    handles, so closed() runs only after they are closed and
  *    uv_loop_close() succeeds right after it.
+ *  - The adapter ignores poll errors, and libuv reports a refused connect
+ *    as one (POLLERR): redisLibuvAttach() sets up the adapter's data, and
+ *    the module then installs its own add/del hooks whose poll callback
+ *    hands errors to hiredis (rd_ev_poll()).
  *  - hiredis writes with write(2), not send(MSG_NOSIGNAL): the process must
  *    ignore SIGPIPE.
  *
@@ -825,6 +829,64 @@ static void rd_ev_closed(uv_handle_t *h)
     rd_maybe_closed(r);
 }
 
+/*
+ * Poll callback used instead of the adapter's redisLibuvPoll(). libuv
+ * reports POLLERR as status UV_EBADF and stops the handle; the hiredis 0.14
+ * adapter ignores such a status, which leaves a refused connect (or a reset
+ * connection with no command in flight) hanging until the watchdog, or
+ * forever. Here hiredis is let to find the socket error itself: through
+ * getsockopt(SO_ERROR) while connecting, through read(2) once connected.
+ */
+static void rd_ev_poll(uv_poll_t *h, int status, int events)
+{
+    redisLibuvEvents *p = h->data;
+
+    if (p->context == NULL)
+        return;
+    if (status < 0) {
+        if (!(p->context->c.flags & REDIS_CONNECTED))
+            redisAsyncHandleWrite(p->context);
+        else
+            redisAsyncHandleRead(p->context);
+        return;
+    }
+    if (events & UV_READABLE)
+        redisAsyncHandleRead(p->context);
+    /* The read may have freed the context (the cleanup hook clears it). */
+    if (p->context != NULL && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(p->context);
+}
+
+/* The adapter's add/del hooks, starting the poll with rd_ev_poll(). */
+static void rd_ev_update(redisLibuvEvents *p, int add, int del)
+{
+    p->events = (p->events | add) & ~del;
+    if (p->events)
+        uv_poll_start(&p->handle, p->events, rd_ev_poll);
+    else
+        uv_poll_stop(&p->handle);
+}
+
+static void rd_ev_add_read(void *privdata)
+{
+    rd_ev_update(privdata, UV_READABLE, 0);
+}
+
+static void rd_ev_del_read(void *privdata)
+{
+    rd_ev_update(privdata, 0, UV_READABLE);
+}
+
+static void rd_ev_add_write(void *privdata)
+{
+    rd_ev_update(privdata, UV_WRITABLE, 0);
+}
+
+static void rd_ev_del_write(void *privdata)
+{
+    rd_ev_update(privdata, 0, UV_WRITABLE);
+}
+
 /* Replaces the adapter's redisLibuvCleanup(): same work, but the close of
  * the poll handle is counted so that redis_close() can wait for it. */
 static void rd_ev_cleanup(void *privdata)
@@ -874,6 +936,10 @@ static void rd_connect(struct redis *r)
         return;
     }
     ac->data = r;
+    ac->ev.addRead = rd_ev_add_read;
+    ac->ev.delRead = rd_ev_del_read;
+    ac->ev.addWrite = rd_ev_add_write;
+    ac->ev.delWrite = rd_ev_del_write;
     ac->ev.cleanup = rd_ev_cleanup;
     /* Dead peers behind a silent network are found by keepalive even when
      * no command is in flight. */
