@@ -13,10 +13,11 @@
 # Usage: bench/gateway.sh [-m MESSAGES] [-s "SESSIONS ..."] [-l SIZE]
 #                         [--modes "new reuse"] [--only "a b c d idle"]
 #                         [--idle N] [--idle-sources 127.0.0.2,127.0.0.3]
-#                         [--gateway-log-level LEVEL] [--keep]
+#                         [--gateway-log-level LEVEL] [--repeat N] [--keep]
 #   --modes  new: smtp-source opens one connection per message (its default);
 #            reuse: smtp-source -d, messages follow each other on a session.
 #   --only   run a subset (e.g. "c d" while the gateway does not build).
+#   --repeat run the whole cycle N times and print medians (default 1).
 #   --keep   keep the work directory (logs, configs) and print its path.
 #
 # Environment: MAILFERRY_BIN (default build/mailferry in the repository).
@@ -32,7 +33,7 @@ pyargs=()
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        -m|--messages|-s|--sessions|-l|--size|--modes|--only|--idle|--idle-sources|--gateway-log-level|--timeout)
+        -m|--messages|-s|--sessions|-l|--size|--modes|--only|--idle|--idle-sources|--gateway-log-level|--timeout|--repeat)
             [ $# -ge 2 ] || { echo "gateway.sh: $1 needs a value" >&2; exit 2; }
             pyargs+=("$1" "$2"); shift 2 ;;
         --keep) keep=1; pyargs+=(--keep); shift ;;

@@ -472,7 +472,8 @@ class Result:
         self.server_ms = server_cpu * 1000.0 / count
         self.client_ms = client_cpu * 1000.0 / count
         self.stored = stored
-        self.split = ""
+        self.gw_ms = None      # gateway's share of server_ms (a, b)
+        self.rates = [self.rate]
 
 
 TARGETS = {
@@ -525,8 +526,31 @@ def measure(target, env, args, sessions, mode):
     used = [y - x for x, y in zip(cpu0, cpu1)]
     r = Result(target, sessions, mode, count, elapsed, sum(used), client1 - client0, stored)
     if target in ("a", "b"):
-        r.split = (f"gateway {used[0] * 1000.0 / count:.3f} + "
-                   f"redis {used[1] * 1000.0 / count:.3f}")
+        r.gw_ms = used[0] * 1000.0 / count
+    return r
+
+
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2.0
+
+
+def aggregate(rs):
+    """One Result from the repetitions of a measurement: medians of each
+    figure, the stored count of the first repetition that disagrees."""
+    r = Result(rs[0].target, rs[0].sessions, rs[0].mode, rs[0].count,
+               median([x.elapsed for x in rs]), 0.0, 0.0, rs[0].stored)
+    r.rates = [x.rate for x in rs]
+    r.rate = median(r.rates)
+    r.server_ms = median([x.server_ms for x in rs])
+    r.client_ms = median([x.client_ms for x in rs])
+    if rs[0].gw_ms is not None:
+        r.gw_ms = median([x.gw_ms for x in rs])
+    for x in rs:
+        if x.stored != x.count:
+            r.stored = x.stored
+            break
     return r
 
 
@@ -548,22 +572,29 @@ def print_results(results, args):
         else:
             print(f"== smtp-source -d: messages follow each other on the same connections "
                   f"({args.messages} messages of {args.size} bytes)")
+        rep = f", median of {args.repeat}" if args.repeat > 1 else ""
         print(f"{'target':38} {'sess':>4} {'msgs/s':>8} {'seconds':>8} "
-              f"{'server CPU':>10} {'client CPU':>10}  {'stored':<10}  server CPU split, ms/msg")
-        print(f"{'':38} {'':>4} {'':>8} {'':>8} {'ms/msg':>10} {'ms/msg':>10}")
-        by = {}
+              f"{'server CPU':>10} {'client CPU':>10}  {'stored':<12}server CPU split{rep}")
+        print(f"{'':38} {'':>4} {'':>8} {'':>8} {'ms/msg':>10} {'ms/msg':>10}  "
+              f"{'':<12}ms/msg")
+        groups = {}
         for r in results:
-            if r.mode != mode:
-                continue
-            by[(r.target, r.sessions)] = r
+            if r.mode == mode:
+                groups.setdefault((r.target, r.sessions), []).append(r)
+        by = {k: aggregate(v) for k, v in groups.items()}
         for s in args.sessions:
             for t in "abcd":
                 r = by.get((t, s))
                 if r is None:
                     continue
-                print(f"{TARGETS[t]:38} {s:>4} {r.rate:>8.0f} {r.elapsed:>8.2f} "
-                      f"{r.server_ms:>10.3f} {r.client_ms:>10.3f}  {fmt_stored(r):<10}"
-                      f"{'  ' + r.split if r.split else ''}")
+                line = (f"{TARGETS[t]:38} {s:>4} {r.rate:>8.0f} {r.elapsed:>8.2f} "
+                        f"{r.server_ms:>10.3f} {r.client_ms:>10.3f}  {fmt_stored(r):<12}")
+                if r.gw_ms is not None:
+                    line += f"gateway {r.gw_ms:.3f} + redis {r.server_ms - r.gw_ms:.3f}"
+                if len(r.rates) > 1:
+                    line += (f"{'' if r.gw_ms is not None else ' ' * 29}   msgs/s "
+                             f"{min(r.rates):.0f}..{max(r.rates):.0f}")
+                print(line.rstrip())
         lines = []
         for s in args.sessions:
             a, b, c, d = (by.get((t, s)) for t in "abcd")
@@ -643,6 +674,7 @@ def header(args, env):
           f"postfix {ver(['postconf', '-d', '-h', 'mail_version'])}")
     print(f"  messages {args.messages} x {args.size} bytes payload; sessions "
           f"{' '.join(map(str, args.sessions))}; modes {' '.join(args.modes)}; "
+          f"repeat {args.repeat}; "
           f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
     if "gateway" in env:
         print(f"  gateway greeting: {env['gateway'].greeting}")
@@ -669,6 +701,7 @@ def main():
     ap.add_argument("--gateway-log-level", default="")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     args.sessions = [int(x) for x in args.sessions.replace(",", " ").split()]
     args.modes = args.modes.replace(",", " ").split()
@@ -679,6 +712,8 @@ def main():
     for t in only:
         if t not in ("a", "b", "c", "d", "idle"):
             ap.error(f"unknown target {t} (a b c d idle)")
+    if args.repeat < 1 or args.messages < 1 or args.size < 0 or not args.sessions:
+        ap.error("--repeat and --messages must be at least 1, --sessions not empty")
     args.max_connections = max(1000, args.idle + 1000, max(args.sessions) * 2)
 
     procs = Procs(args.workdir)
@@ -724,16 +759,20 @@ def main():
         if "idle" in only:
             idle_test(env, args, procs)
 
-        for mode in args.modes:
-            for s in args.sessions:
-                for t in "abcd":
-                    if t not in only:
-                        continue
-                    log(f"{TARGETS[t]}: {args.messages} messages, {s} sessions, mode {mode}")
-                    r = measure(t, env, args, s, mode)
-                    log(f"  {r.rate:.0f} msgs/s, server {r.server_ms:.3f} ms/msg, "
-                        f"stored {r.stored}")
-                    results.append(r)
+        # Repetitions go round the whole cycle, so that every target sees
+        # the same mix of quiet and busy moments of a shared machine.
+        for rep in range(args.repeat):
+            for mode in args.modes:
+                for s in args.sessions:
+                    for t in "abcd":
+                        if t not in only:
+                            continue
+                        log(f"[{rep + 1}/{args.repeat}] {TARGETS[t]}: {args.messages} "
+                            f"messages, {s} sessions, mode {mode}")
+                        r = measure(t, env, args, s, mode)
+                        log(f"  {r.rate:.0f} msgs/s, server {r.server_ms:.3f} ms/msg, "
+                            f"stored {r.stored}")
+                        results.append(r)
         print_results(results, args)
     except BenchError as e:
         if results:

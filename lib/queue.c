@@ -68,6 +68,7 @@
 
 #include "lib/buf.h"
 #include "lib/log.h"
+#include "lib/schema.h"
 #include "lib/xmalloc.h"
 
 #define QUEUE_BACKOFF_MIN_MS 100
@@ -414,7 +415,6 @@ static void queue_on_req_reply(redisAsyncContext *ac, void *rp, void *privdata)
 static void queue_gone(struct queue *q, const char *reason)
 {
     char rq[QUEUE_ERR_MAX + 16];
-    int was_ready = q->state == QS_READY;
 
     q->gone_count++;
     q->ac = NULL;
@@ -433,8 +433,6 @@ static void queue_gone(struct queue *q, const char *reason)
     }
     if (!q->closing)
         q->link = QL_DOWN;
-    if (was_ready)
-        q->attempts = 0;
 
     q->drop_reason[0] = '\0';
     q->fail_status = 0;
@@ -508,7 +506,7 @@ static void queue_on_disconnect(const redisAsyncContext *ac, int status)
 
 static void queue_hs_fail(struct queue *q, const char *what, const redisReply *reply)
 {
-    char err[QUEUE_ERR_MAX], why[QUEUE_ERR_MAX + 32];
+    char err[QUEUE_ERR_MAX / 2], why[QUEUE_ERR_MAX];
 
     queue_reply_err(err, sizeof(err), reply);
     snprintf(why, sizeof(why), "%s: %s", what, err);
@@ -593,7 +591,7 @@ static void queue_on_connect(const redisAsyncContext *cac, int status)
     const char *auth[2] = {"AUTH", u->password};
     const char *sel[2] = {"SELECT", db};
     const char *conf[3] = {"CONFIG", "GET", "appendonly"};
-    const char *grp[6] = {"XGROUP", "CREATE", q->ready_key, "routers", "$", "MKSTREAM"};
+    const char *grp[6] = {"XGROUP", "CREATE", q->ready_key, SCHEMA_GROUP, "$", "MKSTREAM"};
     int rc = REDIS_OK;
 
     if (status != REDIS_OK) {
@@ -929,9 +927,9 @@ struct queue *queue_new(uv_loop_t *loop, const struct mf_config *cfg)
     q->cfg = cfg;
     q->host = cfg->queue.url.host && cfg->queue.url.host[0] ? cfg->queue.url.host : "127.0.0.1";
     q->port = cfg->queue.url.port > 0 ? cfg->queue.url.port : 6379;
-    buf_appendf(&b, "%sready", prefix);
+    buf_appendf(&b, "%s%s", prefix, SCHEMA_READY);
     q->ready_key = buf_steal(&b, NULL);
-    buf_appendf(&b, "%smsg:", prefix);
+    buf_appendf(&b, "%s%s", prefix, SCHEMA_MSG);
     q->msg_prefix = buf_steal(&b, NULL);
 
     if (cfg->gateway.hostname && cfg->gateway.hostname[0])
@@ -1072,27 +1070,29 @@ void queue_enqueue(struct queue *q, const char *id, const struct queue_msg *m,
     size_t multi_l[1] = {5};
     const char *hset[22] = {
         "HSET", key.data,
-        "from", m->from ? m->from : "",
-        "rcpts", rcpts,
-        "data", m->data ? m->data : "",
-        "size", size,
-        "created", created,
-        "client_ip", m->client_ip ? m->client_ip : "",
-        "helo", m->helo ? m->helo : "",
-        "auth_user", m->auth_user ? m->auth_user : "",
-        "class", m->msg_class ? m->msg_class : "",
-        "gateway", q->gateway,
+        SCHEMA_F_FROM, m->from ? m->from : "",
+        SCHEMA_F_RCPTS, rcpts,
+        SCHEMA_F_DATA, m->data ? m->data : "",
+        SCHEMA_F_SIZE, size,
+        SCHEMA_F_CREATED, created,
+        SCHEMA_F_CLIENT_IP, m->client_ip ? m->client_ip : "",
+        SCHEMA_F_HELO, m->helo ? m->helo : "",
+        SCHEMA_F_AUTH_USER, m->auth_user ? m->auth_user : "",
+        SCHEMA_F_CLASS, m->msg_class ? m->msg_class : "",
+        SCHEMA_F_GATEWAY, q->gateway,
     };
     size_t hset_l[22];
-    const char *xadd[5] = {"XADD", q->ready_key, "*", "id", id};
+    const char *xadd[5] = {"XADD", q->ready_key, "*", SCHEMA_F_ID, id};
     size_t xadd_l[5];
     const char *exec[1] = {"EXEC"};
     size_t exec_l[1] = {4};
 
-    for (int i = 0; i < 22; i++)
-        hset_l[i] = strlen(hset[i]);
-    hset_l[1] = key.len;
-    hset_l[7] = m->data ? m->datalen : 0;   /* binary: NUL bytes included */
+    for (int i = 0; i < 22; i++) {
+        if (i == 7)
+            hset_l[i] = m->data ? m->datalen : 0;   /* binary, not NUL-terminated */
+        else
+            hset_l[i] = strlen(hset[i]);
+    }
     for (int i = 0; i < 5; i++)
         xadd_l[i] = strlen(xadd[i]);
 

@@ -88,6 +88,8 @@
 #define RD_WATCHDOG_MS 250
 #define RD_DEFAULT_TIMEOUT_S 5
 #define RD_ERR_MAX 512
+/* Room for a Redis error text inside one of our messages. */
+#define RD_REPLY_ERR_MAX (RD_ERR_MAX - 64)
 
 /* Error texts given to callbacks; the header lists them. */
 static const char RD_E_NOT_CONNECTED[] = "redis: not connected";
@@ -141,11 +143,11 @@ struct rd_req {
     int finished;                /* outcome decided */
     int delivered;               /* user callback made */
     size_t bytes;                /* counted in r->pending_bytes while in flight */
-    uint64_t sent_at;            /* uv_now() when sent */
+    uint64_t sent_at;            /* rd_now_ms() when sent */
 
     /* RK_MULTI: the context's conn_out once EXEC was appended. */
     uint64_t exec_end;
-    char queued_err[RD_ERR_MAX]; /* first error answered while queueing */
+    char queued_err[RD_REPLY_ERR_MAX]; /* first error answered while queueing */
 
     /* RK_EVAL: "numkeys keys... args..." as RESP bulk strings, kept until
      * the request is done so that NOSCRIPT can be answered with EVAL. */
@@ -185,7 +187,7 @@ struct redis {
     redisAsyncContext *ac;
     enum rd_state state;
     enum rd_link link;
-    uint64_t state_since;        /* uv_now() at the last state change */
+    uint64_t state_since;        /* rd_now_ms() at the last state change */
     uint64_t backoff_ms;         /* delay before the next attempt */
     unsigned attempts;           /* attempts since the last ready */
     unsigned gone_count;         /* incremented each time a context is gone */
@@ -280,6 +282,14 @@ static int rd_reply_is(const redisReply *reply, const char *prefix)
            memcmp(reply->str, prefix, n) == 0;
 }
 
+/* Milliseconds of the monotonic clock. Not uv_now(): the loop's cached time
+ * lags behind when a callback ran long, and a command stamped with it would
+ * look older than it is. */
+static uint64_t rd_now_ms(void)
+{
+    return uv_hrtime() / 1000000u;
+}
+
 /* The watchdog runs only while something can time out. */
 static int rd_watch_needed(const struct redis *r)
 {
@@ -300,7 +310,7 @@ static void rd_enter_state(struct redis *r, enum rd_state st)
         log_debug("event=redis_state name=%s addr=%s from=%s to=%s", r->name, r->addr,
                   rd_state_names[r->state], rd_state_names[st]);
     r->state = st;
-    r->state_since = uv_now(r->loop);
+    r->state_since = rd_now_ms();
     rd_watchdog_arm(r);
 }
 
@@ -451,7 +461,7 @@ static void rd_req_begin(struct rd_req *q)
 {
     struct redis *r = q->r;
 
-    q->sent_at = uv_now(r->loop);
+    q->sent_at = rd_now_ms();
     q->inflight = 1;
     rd_list_push(&r->inflight, q);
 }
@@ -544,7 +554,7 @@ static void rd_eval_fallback(struct rd_req *q)
 /* The EXEC reply decides a MULTI group. */
 static void rd_multi_exec_reply(struct rd_req *q, const redisReply *reply)
 {
-    char msg[RD_ERR_MAX], err[RD_ERR_MAX + 40];
+    char msg[RD_REPLY_ERR_MAX], err[RD_ERR_MAX];
 
     if (reply->type == REDIS_REPLY_ARRAY) {
         rd_req_complete(q, reply, NULL);
@@ -751,7 +761,7 @@ static void rd_on_hs_reply(redisAsyncContext *ac, void *rp, void *privdata)
     if (reply == NULL || r->hs_dropping || r->state != RS_HANDSHAKE || ac != r->ac)
         return;
     if (reply->type == REDIS_REPLY_ERROR) {
-        char err[RD_ERR_MAX], why[RD_ERR_MAX + 32];
+        char err[RD_REPLY_ERR_MAX], why[RD_ERR_MAX];
         rd_copy_reply_str(err, sizeof(err), reply);
         snprintf(why, sizeof(why), "%s failed: %s", rd_hs_names[cmd], err);
         r->hs_dropping = 1;
@@ -954,7 +964,7 @@ static void rd_connect(struct redis *r)
 static void rd_on_watchdog(uv_timer_t *t)
 {
     struct redis *r = t->data;
-    uint64_t now = uv_now(r->loop);
+    uint64_t now = rd_now_ms();
     char why[RD_ERR_MAX];
 
     if (!rd_watch_needed(r)) {

@@ -11,6 +11,7 @@
 #include "lib/queue.h"
 #include "lib/xmalloc.h"
 #include "router/job.h"
+#include "router/policy_load.h"
 
 #define ROUTER_RETRY_READ_MS 500
 #define ROUTER_PROMOTE_MS 500
@@ -69,94 +70,10 @@ uv_loop_t *router_loop(struct router *r) { return r->loop; }
 
 /* ---- configuration ---------------------------------------------------------- */
 
-/* The keys of one [route NAME] section that are not the policy's: the
- * transport's settings. */
-struct router_kv {
-    struct config_named *v;
-    size_t n;
-};
-
-/*
- * Builds the policy from the [route NAME] and [policy] sections and sorts
- * the remaining route keys per route for the transports (kv has one entry
- * per route of the policy, in its order). Returns the frozen config or
- * NULL with err.
- */
-static struct policy_config *router_build_policy(const struct mf_config *cfg,
-                                                 struct router_kv **kvout, char *err,
-                                                 size_t errlen)
-{
-    struct policy_config *pc = policy_config_new();
-    struct router_kv *kv;
-    char why[512];
-    size_t n;
-
-    for (size_t i = 0; i < cfg->nnamed; i++) {
-        const struct config_named *e = &cfg->named[i];
-        int rc;
-        if (strcmp(e->kind, "route") == 0) {
-            rc = policy_config_set_route(pc, e->name, e->key, e->value, why, sizeof(why));
-            if (rc == POLICY_E_NOT_POLICY)
-                continue;
-        } else if (strcmp(e->kind, "policy") == 0) {
-            rc = policy_config_set(pc, e->key, e->value, why, sizeof(why));
-            if (rc == POLICY_E_NOT_POLICY)
-                snprintf(why, sizeof(why), "%s: unknown policy key", e->key);
-        } else {
-            snprintf(err, errlen, "%s: [%s %s]: unknown section kind \"%s\"",
-                     cfg->path ? cfg->path : "config", e->kind, e->name, e->kind);
-            policy_config_free(pc);
-            return NULL;
-        }
-        if (rc != POLICY_OK) {
-            snprintf(err, errlen, "%s: [%s%s%s] %s", cfg->path ? cfg->path : "config", e->kind,
-                     e->name[0] ? " " : "", e->name, why);
-            policy_config_free(pc);
-            return NULL;
-        }
-    }
-    if (policy_config_check(pc, why, sizeof(why)) != POLICY_OK) {
-        snprintf(err, errlen, "%s: routing policy: %s", cfg->path ? cfg->path : "config", why);
-        policy_config_free(pc);
-        return NULL;
-    }
-    policy_config_freeze_routes(pc);
-    n = policy_route_count(pc);
-    kv = xcalloc(n ? n : 1, sizeof(*kv));
-    for (size_t i = 0; i < cfg->nnamed; i++) {
-        const struct config_named *e = &cfg->named[i];
-        int ri;
-        if (strcmp(e->kind, "route") != 0)
-            continue;
-        ri = policy_route_find(pc, e->name);
-        if (ri < 0)
-            continue;
-        /* A key the policy takes is not the transport's. */
-        char probe[256];
-        struct buf k = BUF_INIT;
-        buf_appendf(&k, "route.%s.%s", e->name, e->key);
-        int rc = policy_config_get(pc, k.data, probe, sizeof(probe));
-        buf_free(&k);
-        if (rc != POLICY_E_NOT_POLICY)
-            continue;
-        kv[ri].v = xrealloc(kv[ri].v, (kv[ri].n + 1) * sizeof(struct config_named));
-        kv[ri].v[kv[ri].n++] = *e;
-    }
-    *kvout = kv;
-    return pc;
-}
-
-static void router_kv_free(struct router_kv *kv, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        free(kv[i].v);
-    free(kv);
-}
-
 /* Creates every route's transport on loop. */
 static int router_make_transports(uv_loop_t *loop, const struct policy_config *pc,
-                                  const struct router_kv *kv, struct router_route *routes,
-                                  char *err, size_t errlen)
+                                  const struct policy_load_route_keys *kv,
+                                  struct router_route *routes, char *err, size_t errlen)
 {
     for (size_t i = 0; i < policy_route_count(pc); i++) {
         struct policy_route_info info;
@@ -189,8 +106,8 @@ static void router_count_closed(void *arg)
 
 int router_check(const struct mf_config *cfg, char *err, size_t errlen)
 {
-    struct router_kv *kv = NULL;
-    struct policy_config *pc = router_build_policy(cfg, &kv, err, errlen);
+    struct policy_load_route_keys *kv = NULL;
+    struct policy_config *pc = policy_load(cfg, &kv, err, errlen);
     struct router_route *routes;
     uv_loop_t loop;
     size_t n, left = 0;
@@ -213,7 +130,7 @@ int router_check(const struct mf_config *cfg, char *err, size_t errlen)
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     free(routes);
-    router_kv_free(kv, n);
+    policy_load_keys_free(kv, n);
     policy_config_free(pc);
     return rc;
 }
@@ -435,6 +352,12 @@ static void router_breaker_step(struct router *r, size_t i, const char *domain,
              policy_transition_name(tr), policy_cause_name(next.cause), w->sent, w->bounced,
              w->deferred, w->complained, w->probe_ok, w->probe_bad);
     store_breaker_cas(r->store, info.name, domain, cur_raw, raw);
+    /* Act on the transition at once rather than at the next snapshot. If
+     * another router won the compare-and-set, the snapshot corrects it. */
+    if (domain == NULL && i < r->nroutes) {
+        r->snap[i].breaker = next;
+        snprintf(r->snap[i].breaker_raw, sizeof(r->snap[i].breaker_raw), "%s", raw);
+    }
 }
 
 struct router_halfopen_req {
@@ -819,12 +742,12 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
                           size_t errlen)
 {
     struct router *r = xcalloc(1, sizeof(*r));
-    struct router_kv *kv = NULL;
+    struct policy_load_route_keys *kv = NULL;
     uint64_t claim_ms, touch_ms;
 
     r->loop = loop;
     r->cfg = cfg;
-    r->base = router_build_policy(cfg, &kv, err, errlen);
+    r->base = policy_load(cfg, &kv, err, errlen);
     if (r->base == NULL) {
         free(r);
         return NULL;
@@ -834,10 +757,10 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
     r->snap = xcalloc(r->nroutes ? r->nroutes : 1, sizeof(*r->snap));
     if (router_make_transports(loop, r->base, kv, r->routes, err, errlen) != 0) {
         /* Fatal at start: the process exits, the loop is not run. */
-        router_kv_free(kv, r->nroutes);
+        policy_load_keys_free(kv, r->nroutes);
         return NULL;
     }
-    router_kv_free(kv, r->nroutes);
+    policy_load_keys_free(kv, r->nroutes);
     r->live = policy_config_clone(r->base);
     r->store = store_new(loop, cfg);
     r->bounces = queue_new(loop, cfg);

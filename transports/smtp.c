@@ -139,6 +139,7 @@ struct st_conn {
     struct sockaddr_storage addrs[ST_ADDRS_MAX];
     size_t naddrs, ai;
     char ip[64];                  /* address of the current attempt */
+    int plaintext;                /* opportunistic TLS failed: retry without */
     unsigned messages;
     uint64_t idle_since;          /* uv_now when it became idle */
     struct st_send *send;
@@ -288,8 +289,8 @@ static void st_free(struct smtp_transport *t)
 }
 
 /*
- * Builds the transport from the route's keys. On error writes
- * "[route NAME] key: reason" into err and returns -1.
+ * Builds the transport from the route's keys. On error writes "key:
+ * reason" into err (the caller adds the route) and returns -1.
  */
 static int st_configure(struct smtp_transport *t, const struct config_named *kv, size_t nkv,
                         char *err, size_t errlen)
@@ -303,7 +304,7 @@ static int st_configure(struct smtp_transport *t, const struct config_named *kv,
 #define ST_ERR(key, ...)                                                              \
     do {                                                                              \
         st_strf(msg, sizeof(msg), __VA_ARGS__);                                       \
-        st_strf(err, errlen, "[route %s] %s: %s", t->route, key, msg);                 \
+        st_strf(err, errlen, "%s: %s", key, msg);                                      \
         return -1;                                                                    \
     } while (0)
 
@@ -641,8 +642,8 @@ static void st_conn_connect(struct st_conn *e)
 
     memset(&o, 0, sizeof(o));
     o.helo = t->helo;
-    o.tls = t->tls;
-    o.tls_ctx = t->tls_ctx;
+    o.tls = e->plaintext ? SMTP_CLIENT_TLS_NONE : t->tls;
+    o.tls_ctx = e->plaintext ? NULL : t->tls_ctx;
     o.servername = t->servername;
     o.auth_user = t->auth_user;
     o.auth_pass = t->auth_pass;
@@ -698,6 +699,20 @@ static void st_on_ready(struct smtp_client *cl, int status, const struct smtp_re
         e->state = SE_DEAD;
         return;
     }
+    /* Opportunistic TLS whose handshake failed: the same address again
+     * without TLS, as the header of smtp_client allows (RFC 3207 section
+     * 4.1 leaves the decision to the client). Never with AUTH, which needs
+     * TLS. */
+    if (t->tls == SMTP_CLIENT_TLS_OPPORTUNISTIC && !e->plaintext && t->auth_user == NULL &&
+        strncmp(err, "TLS", 3) == 0) {
+        char q[300];
+
+        log_info("route=%s event=tls_fallback host=%s ip=%s reason=%s", t->route, t->hostport,
+                 e->ip, log_quote(q, sizeof(q), err, strlen(err)));
+        e->plaintext = 1;
+        st_conn_connect(e);
+        return;
+    }
     /* A host with several addresses: try the next one when this one did
      * not answer at all (RFC 5321 section 5.1). */
     if (strncmp(err, "connect:", 8) == 0 && e->ai + 1 < e->naddrs) {
@@ -706,6 +721,7 @@ static void st_on_ready(struct smtp_client *cl, int status, const struct smtp_re
         log_info("route=%s event=connect_retry host=%s ip=%s reason=%s", t->route,
                  t->hostport, e->ip, log_quote(q, sizeof(q), err, strlen(err)));
         e->ai++;
+        e->plaintext = 0;
         st_conn_connect(e);
         return;
     }

@@ -321,8 +321,9 @@ static void sc_tx_free(struct sc_tx *tx)
  * Completes the pending transaction with a local failure for every
  * recipient that has no answer yet. Recipients accepted at RCPT whose
  * content went out completely ("." sent) are ambiguous: the server may
- * have taken the message (RFC 5321 section 4.5.3.2.6 warns that a timeout
- * here can cause duplicates). Refusals already received stay as they are.
+ * have taken the message, and trying again may deliver it twice (RFC 1047;
+ * RFC 5321 section 4.5.3.2.6 gives the end of data ten minutes for that
+ * reason). Refusals already received stay as they are.
  */
 static void sc_tx_fail(struct smtp_client *c, const char *why)
 {
@@ -838,7 +839,8 @@ static void sc_tx_content(struct smtp_client *c)
             }
         }
     }
-    conn_write(c->conn, tx->data + seg, end - seg);
+    if (end > seg)
+        conn_write(c->conn, tx->data + seg, end - seg);
     tx->off = end;
     if (tx->off < tx->len) {
         /* Wait for CONN_EV_DRAINED before the next block. */

@@ -34,6 +34,8 @@ struct transport_rcpt_result {
                                  after the end of data was sent) */
 };
 
+/* send() copies the envelope (id, from, rcpts); the message bytes (data)
+ * are not copied and must stay valid until the done callback. */
 struct transport_msg {
     const char *id;           /* queue id, for logs */
     const char *from;         /* envelope sender, "" for <> */

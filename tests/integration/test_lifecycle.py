@@ -170,6 +170,7 @@ def test_sigterm_lets_open_transaction_finish(start_gateway, raw):
     r = idle.reply(timeout=3)
     assert r.code == 421, idle.show()
     assert idle.wait_closed(3), idle.show()
+    idle.close()
     for port in (gw.plain, gw.submission, gw.tls):
         assert connect_refused(port, 2), "port %d still accepts after SIGTERM" % port
     assert gw.proc.poll() is None, "exited before the open transaction ended"
@@ -189,6 +190,7 @@ def test_sigterm_lets_open_transaction_finish(start_gateway, raw):
         assert r.code in (221, 421), busy.show()
     except SMTPClosed:
         pass
+    busy.close()
     rc = gw.wait(timeout=8)
     assert rc == 0, gw.stderr()
     assert time.monotonic() - t_done < 3, "did not exit promptly after the last session"
@@ -197,7 +199,8 @@ def test_sigterm_lets_open_transaction_finish(start_gateway, raw):
 
 def test_sigterm_grace_expires(start_gateway, raw):
     """A transaction that does not finish within shutdown_grace is aborted;
-    nothing is stored and the process still exits 0."""
+    nothing is stored and the process exits 0 soon after the grace period,
+    even though the client keeps its end of the connection open."""
     gw = start_gateway(shutdown_grace=2)
     c = raw(gw.plain, timeout=10)
     c.greeting()

@@ -11,6 +11,10 @@ It listens on 127.0.0.1 (port 0 = any free port) and writes into --dir:
   auth.log      one line per AUTH attempt: "<mechanism> <user> ok|fail"
   stats         "connections=<total> max_concurrent=<n> current=<n>"
 
+With --tls-cert/--tls-key it offers STARTTLS (or, with --implicit-tls, speaks
+TLS from the first byte); with --auth user:password it offers AUTH (PLAIN and
+LOGIN, or --auth-mechs) over TLS only.
+
 Recipients choose the reply to RCPT by their local part:
   temp@...  451 4.2.0    perm@...  550 5.1.1
   slow@...  250 after --slow seconds   anything else  250 2.1.5
@@ -111,6 +115,8 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
+    ap.add_argument("--implicit-tls", action="store_true",
+                    help="TLS from the first byte (port 465 style) instead of STARTTLS")
     ap.add_argument("--auth", help="user:password; enables AUTH (after STARTTLS)")
     ap.add_argument("--auth-mechs", default="PLAIN,LOGIN")
     ap.add_argument("--pipelining", action="store_true")
@@ -126,6 +132,9 @@ def main():
     if args.tls_cert:
         tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls_context.load_cert_chain(args.tls_cert, args.tls_key)
+    server_ssl = None
+    if args.implicit_tls:
+        server_ssl, tls_context = tls_context, None
 
     authenticator = None
     exclude = []
@@ -139,7 +148,8 @@ def main():
             with open(os.path.join(args.dir, "auth.log"), "a") as f:
                 f.write("%s %s %s\n" % (mechanism, auth_data.login.decode(errors="replace"),
                                         "ok" if ok else "fail"))
-            return AuthResult(success=ok)
+            # handled=False: aiosmtpd sends the 535 itself.
+            return AuthResult(success=ok, handled=False)
     else:
         exclude = ["PLAIN", "LOGIN"]
 
@@ -148,11 +158,13 @@ def main():
 
     def factory():
         return CountingSMTP(state, handler, hostname="peer.test", tls_context=tls_context,
-                            authenticator=authenticator, auth_require_tls=True,
+                            authenticator=authenticator,
+                            auth_require_tls=not args.implicit_tls,
                             auth_exclude_mechanism=exclude, enable_SMTPUTF8=args.smtputf8,
                             loop=loop)
 
-    server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", args.port))
+    server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", args.port,
+                                                        ssl=server_ssl))
     port = server.sockets[0].getsockname()[1]
     state.write("port", "%d\n" % port, "w")
     loop.add_signal_handler(signal.SIGTERM, loop.stop)

@@ -144,7 +144,8 @@ static void redis_stop(pid_t pid)
 {
     if (pid <= 0)
         return;
-    kill(pid, SIGCONT);
+    /* SIGKILL also ends a stopped process; no SIGCONT first, so that a
+     * paused Redis never gets to run what is in its socket. */
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
 }

@@ -198,14 +198,23 @@ static int group_setup(void **state)
     return 0;
 }
 
+static void capture_abandon(void);
+
 static int group_teardown(void **state)
 {
+    char path[128];
+
     (void)state;
+    capture_abandon();
+    snprintf(path, sizeof(path), "%s/stderr.log", tmpdir);
+    unlink(path);
     server_stop(redis_pid);
     redis_pid = 0;
     rmdir(tmpdir);
     return 0;
 }
+
+static void capture_abandon(void);
 
 /* Each test starts with a running, empty server. */
 static int test_setup(void **state)
@@ -213,6 +222,7 @@ static int test_setup(void **state)
     redisReply *v;
 
     (void)state;
+    capture_abandon();
     if (redis_pid <= 0)
         redis_pid = server_start(redis_port, NULL);
     kill(redis_pid, SIGCONT);
@@ -439,6 +449,20 @@ struct capture {
     char path[128];
 };
 
+/* The saved stderr of an active capture, so that a test failing inside one
+ * (cmocka jumps out) does not leave stderr redirected for the next ones. */
+static int capture_saved_fd = -1;
+
+static void capture_abandon(void)
+{
+    if (capture_saved_fd < 0)
+        return;
+    fflush(stderr);
+    dup2(capture_saved_fd, 2);
+    close(capture_saved_fd);
+    capture_saved_fd = -1;
+}
+
 static void capture_start(struct capture *c)
 {
     int fd;
@@ -448,6 +472,7 @@ static void capture_start(struct capture *c)
     assert_true(fd >= 0);
     fflush(stderr);
     c->saved = dup(2);
+    capture_saved_fd = c->saved;
     dup2(fd, 2);
     close(fd);
 }
@@ -462,6 +487,7 @@ static char *capture_stop(struct capture *c)
     fflush(stderr);
     dup2(c->saved, 2);
     close(c->saved);
+    capture_saved_fd = -1;
     fp = fopen(c->path, "rb");
     assert_non_null(fp);
     fseek(fp, 0, SEEK_END);
@@ -486,6 +512,18 @@ static int count_substr(const char *text, const char *needle)
 }
 
 /* ---- tests: commands ---------------------------------------------------------------------- */
+
+/* Issues GET chain:key from inside the reply callback of the SET. */
+static void on_set_then_get(struct redis *r, const redisReply *reply, const char *err, void *arg)
+{
+    struct result *res = arg;
+    const char *argv[2] = {"GET", "chain:key"};
+
+    assert_null(err);
+    assert_int_equal(reply->type, REDIS_REPLY_STATUS);
+    redis_command(r, on_result, res, 2, argv, NULL);
+    assert_int_equal(res->calls, 0);
+}
 
 static void test_commands(void **state)
 {
@@ -549,6 +587,15 @@ static void test_commands(void **state)
         assert_int_equal(seq[i].integer, i + 1);
     }
     assert_int_equal(redis_pending_bytes(f.r), 0);
+
+    /* A callback may issue the next command. */
+    {
+        struct result chained = {0};
+        const char *argv[3] = {"SET", "chain:key", "chained"};
+        redis_command(f.r, on_set_then_get, &chained, 3, argv, NULL);
+        wait_called(&f, &chained, 5000);
+        assert_string_equal(chained.str, "chained");
+    }
     fixture_finish(&f);
 }
 
@@ -744,6 +791,53 @@ static void test_hook(void **state)
     assert_int_equal(h.calls, 2);
     assert_int_equal(h.done_calls, 2);
     assert_int_equal(get_int("hook:count"), 4);
+    fixture_finish(&f);
+}
+
+/* A hook that never finishes counts against the timeout; one that fails at
+ * once (from inside the hook) is retried. */
+struct slow_hook {
+    int calls;
+    uint64_t first_at, second_at;
+};
+
+static void slow_hook(struct redis *r, void *arg)
+{
+    struct slow_hook *h = arg;
+
+    h->calls++;
+    if (h->calls == 1)
+        h->first_at = uv_hrtime();      /* never calls redis_hook_done() */
+    else if (h->calls == 2) {
+        h->second_at = uv_hrtime();
+        redis_hook_done(r, -1);
+        assert_false(redis_ready(r));
+    } else {
+        redis_hook_done(r, 0);
+        assert_true(redis_ready(r));
+    }
+}
+
+static void test_hook_timeout(void **state)
+{
+    struct fixture f;
+    struct slow_hook h = {0};
+    double waited;
+
+    (void)state;
+    fixture_init(&f, redis_port);
+    fixture_new(&f, 1, slow_hook, &h);
+    assert_true(run_until(&f.loop, cond_ready, f.r, 5000));
+    assert_int_equal(h.calls, 3);
+    waited = (double)(h.second_at - h.first_at) / 1e9;
+    assert_true(waited >= 1.0);
+    assert_true(waited <= 2.0);
+    /* Not called again once ready; a late redis_hook_done() is ignored. */
+    redis_hook_done(f.r, -1);
+    assert_true(redis_ready(f.r));
+    run_for(&f.loop, 300);
+    assert_int_equal(h.calls, 3);
+    assert_true(redis_ready(f.r));
     fixture_finish(&f);
 }
 
@@ -1293,6 +1387,7 @@ int main(void)
         cmocka_unit_test_setup(test_commands, test_setup),
         cmocka_unit_test_setup(test_not_connected_async, test_setup),
         cmocka_unit_test_setup(test_hook, test_setup),
+        cmocka_unit_test_setup(test_hook_timeout, test_setup),
         cmocka_unit_test_setup(test_multi_ok, test_setup),
         cmocka_unit_test_setup(test_multi_refused, test_setup),
         cmocka_unit_test_setup(test_multi_outcome_unknown, test_setup),

@@ -318,6 +318,7 @@ static void peer_stats(const struct peer *p, int *total, int *maxc)
 static void on_watchdog(uv_timer_t *t)
 {
     *(int *)t->data = 1;
+    uv_stop(t->loop);
 }
 
 /* Runs the loop until *flag is set; fails after max_ms. */
@@ -383,9 +384,11 @@ static int teardown(void **state)
     uv_unref((uv_handle_t *)&wd);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_close((uv_handle_t *)&wd, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    if (expired)
+    uv_run(&loop, UV_RUN_NOWAIT);
+    if (expired) {
+        fprintf(stderr, "teardown: handles still open after the test\n");
         return -1;
+    }
     return uv_loop_close(&loop) == 0 ? 0 : -1;
 }
 
@@ -848,7 +851,7 @@ static void test_exact_delivery_and_reuse(void **state)
     assert_memory_equal(got + glen - 2, "\r\n", 2);
     free(got);
     got = read_filef(NULL, "%s/msg-2.env", p.dir);
-    assert_non_null(strstr(got, "from \n"));       /* null sender <> */
+    assert_non_null(strstr(got, "from <>\n"));     /* null sender */
     free(got);
 
     client_quit(&t);
@@ -899,6 +902,41 @@ static void test_starttls_auth(void **state)
     client_start(&t, p.port, &o);
     if (t.status != 0)
         fail_msg("ready failed: %s", t.err);
+    client_quit(&t);
+    log = read_filef(NULL, "%s/auth.log", p.dir);
+    assert_non_null(log);
+    assert_string_equal(log, "LOGIN user ok\n");
+    free(log);
+    peer_stop(&p);
+    tls_ctx_unref(ctx);
+}
+
+/* Implicit TLS (RFC 8314, port 465 style): the handshake comes before the
+ * greeting; AUTH LOGIN when it is the only mechanism. */
+static void test_implicit_tls(void **state)
+{
+    struct peer p;
+    struct tctx t;
+    struct smtp_client_opts o = base_opts();
+    const char *rcpts[] = {"ok@x.test"};
+    char err[256], *log;
+    struct tls_ctx *ctx = tls_ctx_client(cert_file, 1, NULL, NULL, err, sizeof(err));
+
+    (void)state;
+    assert_non_null(ctx);
+    peer_py_start(&p, 0, "--tls-cert", cert_file, "--tls-key", key_file, "--implicit-tls",
+                  "--auth", "user:s3cret", "--auth-mechs", "LOGIN", NULL);
+    o.tls = SMTP_CLIENT_TLS_IMPLICIT;
+    o.tls_ctx = ctx;
+    o.servername = "127.0.0.1";
+    o.auth_user = "user";
+    o.auth_pass = "s3cret";
+    client_start(&t, p.port, &o);
+    if (t.status != 0)
+        fail_msg("ready failed: %s", t.err);
+    assert_true(conn_is_tls(smtp_client_conn(t.c)));
+    client_send(&t, "a@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     client_quit(&t);
     log = read_filef(NULL, "%s/auth.log", p.dir);
     assert_non_null(log);
@@ -1138,6 +1176,40 @@ static void test_sink_disconnects(void **state)
     client_send(&t, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
     check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     client_quit(&t);
+    peer_stop(&p);
+}
+
+/* Backpressure: the server stops reading after DATA (-H) with a small
+ * window (-T). The client hands the content over block by block and waits
+ * for each to drain, so it is still sending (not waiting after ".") when
+ * the block timeout fires: a temporary failure, not an ambiguous one. */
+static void test_sink_backpressure(void **state)
+{
+    struct peer p;
+    struct tctx t;
+    struct smtp_client_opts o = base_opts();
+    const char *rcpts[] = {"a@x.test"};
+    size_t len = 24 * 1024 * 1024, i;
+    char *msg = malloc(len);
+    uint64_t t0;
+
+    (void)state;
+    assert_non_null(msg);
+    for (i = 0; i < len; i++)
+        msg[i] = (i % 80 == 78) ? '\r' : (i % 80 == 79) ? '\n' : 'a';
+    peer_sink_start(&p, "-H", "6", "-T", "8192", NULL);
+    o.block_timeout = 1;
+    client_start(&t, p.port, &o);
+    assert_int_equal(t.status, 0);
+    t0 = now_ms();
+    client_send(&t, "s@y.test", rcpts, 1, msg, len);
+    assert_true(now_ms() - t0 < 4000);
+    check_rcpt(&t.res[0], 451, "4.4.2", 0, 0);
+    assert_string_equal(t.res[0].text, "timeout while sending message content");
+    assert_false(t.conn_ok);
+    smtp_client_close(t.c);
+    run_until(&t.freed, 5000);
+    free(msg);
     peer_stop(&p);
 }
 
@@ -1448,8 +1520,8 @@ static void test_transport_config(void **state)
         {{KV("host", "127.0.0.1:2525")}, 1, NULL},
         {{KV("host", "[::1]:2525"), KV("tls", "none")}, 2, NULL},
         {{KV("host", "mx.example.org"), KV("tls", "required"), KV("tls_verify", "no")}, 3, NULL},
-        {{KV("host", "h"), KV("colour", "blue")}, 2, "[route out] colour: unknown key"},
-        {{KV("tls", "none")}, 1, "[route out] host: required"},
+        {{KV("host", "h"), KV("colour", "blue")}, 2, "colour: unknown key for the smtp transport"},
+        {{KV("tls", "none")}, 1, "host: required"},
         {{KV("host", "::1")}, 1, "host: an IPv6 address needs brackets"},
         {{KV("host", "h:0")}, 1, "host: port must be an integer between 1 and 65535"},
         {{KV("host", "h:25x")}, 1, "host: port"},
@@ -1662,7 +1734,7 @@ static void test_transport_tls_auth(void **state)
     struct peer p;
     char hostport[64], pwfile[128];
     struct tdone d;
-    struct tsend s[2];
+    struct tsend s[3];
     struct transport *tr;
     FILE *f;
 
@@ -1706,6 +1778,22 @@ static void test_transport_tls_auth(void **state)
     assert_int_equal(d.tfail[1], 1);
     assert_non_null(strstr(d.res[1].text, "535"));
     assert_null(strstr(d.res[1].text, "wrong"));
+    tr_close(tr, &d);
+
+    /* Opportunistic TLS whose handshake fails (the certificate does not
+     * match the name asked for) falls back to plaintext. */
+    d.closed = 0;
+    {
+        const struct config_named kv[] = {KV("host", hostport), KV("tls", "opportunistic"),
+                                          KV("ca_file", cert_file), KV("tls_verify", "yes"),
+                                          KV("servername", "mx.example.org")};
+
+        tr = tr_create(kv, 5);
+    }
+    s[0].idx = 2;
+    tr_send(tr, &s[0], "s@y.test", "ok@x.test");
+    wait_done(&d, 3, 15000);
+    check_rcpt(&d.res[2], 250, "2.0.0", 1, 0);
     tr_close(tr, &d);
     peer_stop(&p);
 }
@@ -1758,12 +1846,14 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pipelined_mixed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_exact_delivery_and_reuse, setup, teardown),
         cmocka_unit_test_setup_teardown(test_starttls_auth, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_implicit_tls, setup, teardown),
         cmocka_unit_test_setup_teardown(test_auth_and_tls_failures, setup, teardown),
         cmocka_unit_test_setup_teardown(test_timeouts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_starttls_required_not_offered, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sink_no_pipelining, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sink_refusals, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sink_disconnects, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sink_backpressure, setup, teardown),
         cmocka_unit_test_setup_teardown(test_script_pipelining_transcript, setup, teardown),
         cmocka_unit_test_setup_teardown(test_script_354_without_rcpt_and_421, setup, teardown),
         cmocka_unit_test_setup_teardown(test_script_dot_timeout, setup, teardown),
@@ -1777,5 +1867,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_transport_close_pending, setup, teardown),
     };
 
+    /* MF_TEST_FILTER=test_name (shell pattern) runs a subset. */
+    if (getenv("MF_TEST_FILTER") != NULL)
+        cmocka_set_test_filter(getenv("MF_TEST_FILTER"));
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -1,0 +1,725 @@
+#include "ctl/ctl_policy.h"
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lib/schema.h"
+#include "lib/xmalloc.h"
+#include "router/policy.h"
+#include "router/policy_load.h"
+
+/* Optimistic transactions retried this many times before giving up. */
+#define CTL_POLICY_ATTEMPTS 10
+
+/* Values up to this length set the width of the VALUE column; longer
+ * ones are printed in full and push their SOURCE to the right. */
+#define CTL_VALUE_COL_MAX 40
+
+/* One field of the hash <prefix>policy as read, with the key the policy
+ * module will make of it (blanks trimmed, lower case). */
+struct ctl_field {
+    char *raw;
+    char *value;
+    char *canon;
+};
+
+struct ctl_live {
+    struct ctl_field *v;
+    size_t n;
+};
+
+/* One key of a policy_config_list() walk. */
+struct ctl_row {
+    char *key;
+    char *value;
+    bool is_set;
+    const char *source;       /* filled by ctl_policy_get() */
+};
+
+struct ctl_rows {
+    struct ctl_row *v;
+    size_t n, cap;
+};
+
+/* ---- helpers ------------------------------------------------------------- */
+
+/* The key as policy_config_set() reads it: ASCII blanks around it removed
+ * and letters in lower case (keys are case-insensitive, docs/policy.md). */
+static char *ctl_canon_key(const char *s)
+{
+    size_t len;
+    char *d;
+
+    while (*s == ' ' || *s == '\t' || *s == '\r' || *s == '\n')
+        s++;
+    len = strlen(s);
+    while (len && (s[len - 1] == ' ' || s[len - 1] == '\t' || s[len - 1] == '\r' ||
+                   s[len - 1] == '\n'))
+        len--;
+    d = xstrndup(s, len);
+    for (size_t i = 0; i < len; i++)
+        if (d[i] >= 'A' && d[i] <= 'Z')
+            d[i] = (char)(d[i] - 'A' + 'a');
+    return d;
+}
+
+static void ctl_rows_add(void *ctx, const char *key, const char *value, bool is_set)
+{
+    struct ctl_rows *rows = ctx;
+
+    if (rows->n == rows->cap) {
+        rows->cap = rows->cap ? rows->cap * 2 : 64;
+        rows->v = xrealloc(rows->v, rows->cap * sizeof(*rows->v));
+    }
+    rows->v[rows->n].key = xstrdup(key);
+    rows->v[rows->n].value = xstrdup(value);
+    rows->v[rows->n].is_set = is_set;
+    rows->v[rows->n].source = NULL;
+    rows->n++;
+}
+
+static void ctl_rows_collect(const struct policy_config *pc, struct ctl_rows *rows)
+{
+    policy_config_list(pc, ctl_rows_add, rows);
+}
+
+static void ctl_rows_free(struct ctl_rows *rows)
+{
+    for (size_t i = 0; i < rows->n; i++) {
+        free(rows->v[i].key);
+        free(rows->v[i].value);
+    }
+    free(rows->v);
+    memset(rows, 0, sizeof(*rows));
+}
+
+static struct ctl_row *ctl_rows_find(const struct ctl_rows *rows, const char *key)
+{
+    for (size_t i = 0; i < rows->n; i++)
+        if (strcmp(rows->v[i].key, key) == 0)
+            return &rows->v[i];
+    return NULL;
+}
+
+static void ctl_live_free(struct ctl_live *live)
+{
+    for (size_t i = 0; i < live->n; i++) {
+        free(live->v[i].raw);
+        free(live->v[i].value);
+        free(live->v[i].canon);
+    }
+    free(live->v);
+    memset(live, 0, sizeof(*live));
+}
+
+static bool ctl_live_has(const struct ctl_live *live, const char *canon)
+{
+    for (size_t i = 0; i < live->n; i++)
+        if (strcmp(live->v[i].canon, canon) == 0)
+            return true;
+    return false;
+}
+
+/* Reads the hash of live overrides. Returns 0 or CTL_EXIT_RUNTIME. */
+static int ctl_live_read(struct ctl *c, const char *hkey, struct ctl_live *live)
+{
+    redisReply *r = ctl_redis_ok(c, "HGETALL", hkey, NULL);
+
+    memset(live, 0, sizeof(*live));
+    if (r == NULL)
+        return CTL_EXIT_RUNTIME;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 2 != 0) {
+        ctl_error("Redis at %s: HGETALL %s: unexpected reply", c->where, hkey);
+        freeReplyObject(r);
+        return CTL_EXIT_RUNTIME;
+    }
+    live->v = xcalloc(r->elements / 2 + 1, sizeof(*live->v));
+    for (size_t i = 0; i + 1 < r->elements; i += 2) {
+        const redisReply *f = r->element[i], *v = r->element[i + 1];
+        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
+            continue;
+        /* Fields are binary-safe in Redis but keys and values of the
+         * policy are text: an embedded NUL ends them, as for the router. */
+        live->v[live->n].raw = xstrndup(f->str, f->len);
+        live->v[live->n].value = xstrndup(v->str, v->len);
+        live->v[live->n].canon = ctl_canon_key(live->v[live->n].raw);
+        live->n++;
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+/*
+ * What the routers compute: a clone of base with every live field applied
+ * (except those whose key is skip, when skip is not NULL), then the whole
+ * checked. extra_key/extra_value, when not NULL, are applied last. Returns
+ * the config, or NULL with the policy module's message in err and, when a
+ * field of the hash was refused on its own, that field in *bad (if bad is
+ * not NULL).
+ */
+static struct policy_config *ctl_overlay(const struct policy_config *base,
+                                         const struct ctl_live *live, const char *skip,
+                                         const char *extra_key, const char *extra_value,
+                                         const struct ctl_field **bad, char *err,
+                                         size_t errlen)
+{
+    struct policy_config *pc = policy_config_clone(base);
+
+    if (bad != NULL)
+        *bad = NULL;
+    for (size_t i = 0; i < live->n; i++) {
+        const struct ctl_field *f = &live->v[i];
+        if (skip != NULL && strcmp(f->canon, skip) == 0)
+            continue;
+        if (policy_config_set(pc, f->raw, f->value, err, errlen) != POLICY_OK) {
+            if (bad != NULL)
+                *bad = f;
+            goto fail;
+        }
+    }
+    if (extra_key != NULL && policy_config_set(pc, extra_key, extra_value, err, errlen) != POLICY_OK)
+        goto fail;
+    if (policy_config_check(pc, err, errlen) != POLICY_OK)
+        goto fail;
+    return pc;
+
+fail:
+    policy_config_free(pc);
+    return NULL;
+}
+
+/* Builds the file's policy as the router does. Returns it, or NULL after
+ * printing why. */
+static struct policy_config *ctl_base(struct ctl *c)
+{
+    char err[1024];
+    struct policy_config *pc = policy_load(&c->cfg, NULL, err, sizeof(err));
+
+    if (pc == NULL)
+        ctl_error("%s", err);
+    return pc;
+}
+
+/*
+ * The canonical value of key in pc: from the listing when the key is in
+ * it, else what policy_config_get() answers (e.g. "none" for a pin that
+ * is not set). Returns a new string, or NULL when the key is not valid;
+ * then the policy module's message is in err.
+ */
+static char *ctl_value(const struct policy_config *pc, const struct ctl_rows *rows,
+                       const char *key, int *rc, char *err, size_t errlen)
+{
+    const struct ctl_row *row = ctl_rows_find(rows, key);
+
+    *rc = policy_config_get(pc, key, err, errlen);
+    if (*rc != POLICY_OK)
+        return NULL;
+    if (row != NULL)
+        return xstrdup(row->value);
+    return xstrdup(err);
+}
+
+/* "file" when the file set key, else "default". */
+static const char *ctl_file_source(const struct ctl_rows *base_rows, const char *key)
+{
+    const struct ctl_row *row = ctl_rows_find(base_rows, key);
+
+    return row != NULL && row->is_set ? "file" : "default";
+}
+
+/* A hint for keys the policy does not own. */
+static void ctl_not_policy(const char *key, const char *msg)
+{
+    if (strncmp(key, "route.", 6) == 0)
+        ctl_error("%s (transport settings are read from the configuration file only)", msg);
+    else
+        ctl_error("%s", msg);
+}
+
+/* ---- get ----------------------------------------------------------------- */
+
+static void ctl_print_table(const struct ctl_row *v, size_t n)
+{
+    int kw = 3, vw = 5;
+
+    for (size_t i = 0; i < n; i++) {
+        int kl = (int)strlen(v[i].key), vl = (int)strlen(v[i].value);
+        if (kl > kw)
+            kw = kl;
+        if (vl > vw && vl <= CTL_VALUE_COL_MAX)
+            vw = vl;
+    }
+    printf("%-*s  %-*s  %s\n", kw, "KEY", vw, "VALUE", "SOURCE");
+    for (size_t i = 0; i < n; i++)
+        printf("%-*s  %-*s  %s\n", kw, v[i].key, vw, v[i].value, v[i].source);
+}
+
+static void ctl_print_json(const struct ctl_row *v, size_t n)
+{
+    json_t *o = json_object();
+    char *s;
+
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = json_pack("{s:s, s:s}", "value", v[i].value, "source", v[i].source);
+        json_object_set_new(o, v[i].key, e);
+    }
+    s = json_dumps(o, JSON_PRESERVE_ORDER | JSON_INDENT(2));
+    printf("%s\n", s);
+    free(s);
+    json_decref(o);
+}
+
+int ctl_policy_get(struct ctl *c, const char *key)
+{
+    struct policy_config *base, *eff;
+    struct ctl_live live;
+    struct ctl_rows base_rows = {0}, rows = {0};
+    char *hkey, err[1024];
+    bool live_ok = true;
+    int rc;
+
+    base = ctl_base(c);
+    if (base == NULL)
+        return CTL_EXIT_USAGE;
+    rc = ctl_redis_connect(c);
+    if (rc != 0) {
+        policy_config_free(base);
+        return rc;
+    }
+    hkey = ctl_key(c, SCHEMA_POLICY);
+    rc = ctl_live_read(c, hkey, &live);
+    if (rc != 0) {
+        free(hkey);
+        policy_config_free(base);
+        return rc;
+    }
+    eff = ctl_overlay(base, &live, NULL, NULL, NULL, NULL, err, sizeof(err));
+    if (eff == NULL) {
+        ctl_error("warning: routers reject the live overrides in %s: %s; showing the file's "
+                  "policy (routers keep the last policy they accepted)", hkey, err);
+        live_ok = false;
+        eff = policy_config_clone(base);
+    }
+    ctl_rows_collect(base, &base_rows);
+    ctl_rows_collect(eff, &rows);
+
+    if (key != NULL) {
+        char *canon = ctl_canon_key(key);
+        int grc;
+        char *value = ctl_value(eff, &rows, canon, &grc, err, sizeof(err));
+        if (value == NULL) {
+            if (grc == POLICY_E_NOT_POLICY)
+                ctl_not_policy(canon, err);
+            else
+                ctl_error("%s", err);
+            rc = CTL_EXIT_USAGE;
+        } else {
+            struct ctl_row row = {canon, value, true, NULL};
+            row.source = live_ok && ctl_live_has(&live, canon) ? "live"
+                                                               : ctl_file_source(&base_rows, canon);
+            if (c->json)
+                ctl_print_json(&row, 1);
+            else
+                ctl_print_table(&row, 1);
+            free(value);
+        }
+        free(canon);
+    } else {
+        for (size_t i = 0; i < rows.n; i++) {
+            struct ctl_row *row = &rows.v[i];
+            row->source = live_ok && ctl_live_has(&live, row->key)
+                              ? "live"
+                              : ctl_file_source(&base_rows, row->key);
+        }
+        /* A live override that removes a pin, split or domain cap of the
+         * file leaves no key in the listing; show it anyway. */
+        for (size_t i = 0; live_ok && i < live.n; i++) {
+            const char *k = live.v[i].canon;
+            int grc;
+            char *value;
+            if (ctl_rows_find(&rows, k) != NULL)
+                continue;
+            value = ctl_value(eff, &rows, k, &grc, err, sizeof(err));
+            if (value == NULL)
+                continue;
+            ctl_rows_add(&rows, k, value, true);
+            rows.v[rows.n - 1].source = "live";
+            free(value);
+        }
+        if (c->json)
+            ctl_print_json(rows.v, rows.n);
+        else
+            ctl_print_table(rows.v, rows.n);
+    }
+
+    ctl_rows_free(&rows);
+    ctl_rows_free(&base_rows);
+    ctl_live_free(&live);
+    policy_config_free(eff);
+    policy_config_free(base);
+    free(hkey);
+    return rc;
+}
+
+/* ---- set and reset ------------------------------------------------------- */
+
+/* Checks the replies of EXEC: NIL when a watched key changed (returns 1),
+ * an array of replies that must not hold errors (returns 0), anything else
+ * is a failure (prints, returns -1). Frees r. */
+static int ctl_exec_result(struct ctl *c, redisReply *r)
+{
+    int rc = 0;
+
+    if (r->type == REDIS_REPLY_NIL) {
+        rc = 1;
+    } else if (r->type != REDIS_REPLY_ARRAY) {
+        ctl_error("Redis at %s: EXEC: %s", c->where,
+                  r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        rc = -1;
+    } else {
+        for (size_t i = 0; i < r->elements; i++) {
+            if (r->element[i]->type == REDIS_REPLY_ERROR) {
+                ctl_error("Redis at %s: %s", c->where, r->element[i]->str);
+                rc = -1;
+                break;
+            }
+        }
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Sends one command inside MULTI; it must answer QUEUED. */
+static int ctl_queued(struct ctl *c, redisReply *r)
+{
+    int rc = 0;
+
+    if (r == NULL)
+        return -1;
+    if (r->type == REDIS_REPLY_ERROR) {
+        ctl_error("Redis at %s: %s", c->where, r->str);
+        rc = -1;
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Drops the WATCH of an abandoned transaction. */
+static void ctl_unwatch(struct ctl *c)
+{
+    redisReply *r = ctl_redis_cmd(c, "UNWATCH", NULL);
+    if (r)
+        freeReplyObject(r);
+}
+
+/* Sends MULTI. Returns 0 or CTL_EXIT_RUNTIME. */
+static int ctl_multi_begin(struct ctl *c)
+{
+    redisReply *r = ctl_redis_ok(c, "MULTI", NULL);
+
+    if (r == NULL)
+        return CTL_EXIT_RUNTIME;
+    freeReplyObject(r);
+    return 0;
+}
+
+/*
+ * Ends a transaction: DISCARD when queued (the status of queueing its
+ * commands, 0 or -1) failed, else EXEC. Returns CTL_EXIT_OK,
+ * CTL_EXIT_RUNTIME, or -1 when a watched key changed and nothing was done.
+ */
+static int ctl_multi_end(struct ctl *c, int queued)
+{
+    redisReply *r;
+
+    if (queued != 0) {
+        r = ctl_redis_cmd(c, "DISCARD", NULL);
+        if (r)
+            freeReplyObject(r);
+        return CTL_EXIT_RUNTIME;
+    }
+    r = ctl_redis_cmd(c, "EXEC", NULL);
+    if (r == NULL)
+        return CTL_EXIT_RUNTIME;
+    switch (ctl_exec_result(c, r)) {
+    case 0:
+        return CTL_EXIT_OK;
+    case 1:
+        return -1;
+    default:
+        return CTL_EXIT_RUNTIME;
+    }
+}
+
+/* Starts WATCH on hkey and reads it. Returns 0 or CTL_EXIT_RUNTIME. */
+static int ctl_watch_read(struct ctl *c, const char *hkey, struct ctl_live *live)
+{
+    redisReply *r = ctl_redis_ok(c, "WATCH", hkey, NULL);
+
+    if (r == NULL) {
+        memset(live, 0, sizeof(*live));
+        return CTL_EXIT_RUNTIME;
+    }
+    freeReplyObject(r);
+    return ctl_live_read(c, hkey, live);
+}
+
+/*
+ * One attempt at writing key = value: validates against the file and the
+ * current hash, then replaces every field that means the same key with
+ * the canonical one. Returns CTL_EXIT_* or -1 when the hash changed under
+ * the WATCH (try again). *canon_value receives the value written.
+ */
+static int ctl_set_once(struct ctl *c, const struct policy_config *base, const char *hkey,
+                        const char *canon, const char *value, char **canon_value)
+{
+    const struct ctl_field *bad;
+    struct ctl_live live;
+    struct ctl_rows rows = {0};
+    struct policy_config *pc;
+    char err[1024];
+    int rc, grc;
+
+    rc = ctl_watch_read(c, hkey, &live);
+    if (rc != 0)
+        return rc;
+
+    /* The key alone first, so that its own error is the one reported. */
+    pc = policy_config_clone(base);
+    grc = policy_config_set(pc, canon, value, err, sizeof(err));
+    policy_config_free(pc);
+    if (grc != POLICY_OK) {
+        if (grc == POLICY_E_NOT_POLICY)
+            ctl_not_policy(canon, err);
+        else
+            ctl_error("%s", err);
+        rc = CTL_EXIT_USAGE;
+        goto out_unwatch;
+    }
+    pc = ctl_overlay(base, &live, canon, canon, value, &bad, err, sizeof(err));
+    if (pc == NULL) {
+        if (bad != NULL)
+            ctl_error("%s (a live override already stored in %s; remove it with "
+                      "\"mailferryctl policy reset %s\")", err, hkey, bad->canon);
+        else
+            ctl_error("%s", err);
+        rc = CTL_EXIT_USAGE;
+        goto out_unwatch;
+    }
+    ctl_rows_collect(pc, &rows);
+    *canon_value = ctl_value(pc, &rows, canon, &grc, err, sizeof(err));
+    ctl_rows_free(&rows);
+    policy_config_free(pc);
+    if (*canon_value == NULL) {
+        ctl_error("%s", err);
+        rc = CTL_EXIT_USAGE;
+        goto out_unwatch;
+    }
+
+    rc = ctl_multi_begin(c);
+    if (rc != 0)
+        goto out;
+    for (size_t i = 0; i < live.n && rc == 0; i++) {
+        /* Fields spelled differently that mean the same key go away, so
+         * that the hash holds the key once. */
+        if (strcmp(live.v[i].canon, canon) == 0 && strcmp(live.v[i].raw, canon) != 0)
+            rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[i].raw, NULL));
+    }
+    if (rc == 0)
+        rc = ctl_queued(c, ctl_redis_cmd(c, "HSET", hkey, canon, *canon_value, NULL));
+    rc = ctl_multi_end(c, rc);
+    goto out;
+
+out_unwatch:
+    ctl_unwatch(c);
+out:
+    if (rc != CTL_EXIT_OK) {
+        free(*canon_value);
+        *canon_value = NULL;
+    }
+    ctl_live_free(&live);
+    return rc;
+}
+
+int ctl_policy_set(struct ctl *c, const char *key, const char *value)
+{
+    struct policy_config *base;
+    char *hkey, *canon, *written = NULL;
+    int rc = -1;
+
+    base = ctl_base(c);
+    if (base == NULL)
+        return CTL_EXIT_USAGE;
+    rc = ctl_redis_connect(c);
+    if (rc != 0) {
+        policy_config_free(base);
+        return rc;
+    }
+    hkey = ctl_key(c, SCHEMA_POLICY);
+    canon = ctl_canon_key(key);
+    for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS; attempt++) {
+        rc = ctl_set_once(c, base, hkey, canon, value, &written);
+        if (rc != -1)
+            break;
+    }
+    if (rc == -1) {
+        ctl_error("%s changed during each of %d attempts; nothing written, try again", hkey,
+                  CTL_POLICY_ATTEMPTS);
+        rc = CTL_EXIT_RUNTIME;
+    }
+    if (rc == CTL_EXIT_OK)
+        printf("%s = %s (applied by routers within %d ms)\n", canon, written,
+               c->cfg.router.policy_refresh);
+    free(written);
+    free(canon);
+    free(hkey);
+    policy_config_free(base);
+    return rc;
+}
+
+/* Removes every override: one transaction counts and deletes them. */
+static int ctl_reset_all(struct ctl *c, const char *hkey)
+{
+    redisReply *r;
+    long long n = 0;
+    int rc;
+
+    if (ctl_multi_begin(c) != 0)
+        return CTL_EXIT_RUNTIME;
+    if (ctl_queued(c, ctl_redis_cmd(c, "HLEN", hkey, NULL)) < 0 ||
+        ctl_queued(c, ctl_redis_cmd(c, "DEL", hkey, NULL)) < 0)
+        return ctl_multi_end(c, -1);
+    r = ctl_redis_cmd(c, "EXEC", NULL);
+    if (r == NULL)
+        return CTL_EXIT_RUNTIME;
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 2)
+        ctl_reply_int(r->element[0], &n);
+    rc = ctl_exec_result(c, r);
+    if (rc != 0)
+        return CTL_EXIT_RUNTIME;
+    printf("removed %lld live override%s; routers use the file's policy within %d ms\n", n,
+           n == 1 ? "" : "s", c->cfg.router.policy_refresh);
+    return CTL_EXIT_OK;
+}
+
+/* One attempt at removing key's overrides; -1 when the hash changed. */
+static int ctl_reset_once(struct ctl *c, const struct policy_config *base, const char *hkey,
+                          const char *canon)
+{
+    struct ctl_live live;
+    struct ctl_rows rows = {0}, base_rows = {0};
+    struct policy_config *before, *after;
+    char err[1024], why[1024];
+    char *value = NULL;
+    size_t matching = 0;
+    int rc, grc;
+
+    rc = ctl_watch_read(c, hkey, &live);
+    if (rc != 0)
+        return rc;
+    for (size_t i = 0; i < live.n; i++)
+        if (strcmp(live.v[i].canon, canon) == 0)
+            matching++;
+    ctl_rows_collect(base, &base_rows);
+
+    if (matching == 0) {
+        ctl_unwatch(c);
+        value = ctl_value(base, &base_rows, canon, &grc, err, sizeof(err));
+        if (value == NULL) {
+            if (grc == POLICY_E_NOT_POLICY)
+                ctl_not_policy(canon, err);
+            else
+                ctl_error("%s", err);
+            rc = CTL_EXIT_USAGE;
+        } else {
+            printf("%s = %s (%s value; there was no live override)\n", canon, value,
+                   ctl_file_source(&base_rows, canon));
+            rc = CTL_EXIT_OK;
+        }
+        goto out;
+    }
+
+    /* Refuse to turn an accepted policy into one the routers reject; a
+     * policy already rejected may lose any key. */
+    before = ctl_overlay(base, &live, NULL, NULL, NULL, NULL, why, sizeof(why));
+    after = ctl_overlay(base, &live, canon, NULL, NULL, NULL, err, sizeof(err));
+    if (after == NULL && before != NULL) {
+        ctl_error("cannot reset %s: %s", canon, err);
+        policy_config_free(before);
+        ctl_unwatch(c);
+        rc = CTL_EXIT_USAGE;
+        goto out;
+    }
+    policy_config_free(before);
+    if (after != NULL) {
+        ctl_rows_collect(after, &rows);
+        value = ctl_value(after, &rows, canon, &grc, err, sizeof(err));
+        policy_config_free(after);
+    } else {
+        ctl_error("warning: the remaining live overrides are still rejected: %s", err);
+    }
+    if (value == NULL)
+        value = ctl_value(base, &base_rows, canon, &grc, err, sizeof(err));
+
+    rc = ctl_multi_begin(c);
+    if (rc != 0)
+        goto out;
+    for (size_t i = 0; i < live.n && rc == 0; i++)
+        if (strcmp(live.v[i].canon, canon) == 0)
+            rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[i].raw, NULL));
+    rc = ctl_multi_end(c, rc);
+    if (rc == CTL_EXIT_OK)
+        printf("%s = %s (%s value; applied by routers within %d ms)\n", canon,
+               value ? value : "?", ctl_file_source(&base_rows, canon),
+               c->cfg.router.policy_refresh);
+
+out:
+    free(value);
+    ctl_rows_free(&rows);
+    ctl_rows_free(&base_rows);
+    ctl_live_free(&live);
+    return rc;
+}
+
+int ctl_policy_reset(struct ctl *c, const char *key)
+{
+    struct policy_config *base;
+    char *hkey, *canon;
+    int rc;
+
+    if (key == NULL) {
+        rc = ctl_redis_connect(c);
+        if (rc != 0)
+            return rc;
+        hkey = ctl_key(c, SCHEMA_POLICY);
+        rc = ctl_reset_all(c, hkey);
+        free(hkey);
+        return rc;
+    }
+
+    base = ctl_base(c);
+    if (base == NULL)
+        return CTL_EXIT_USAGE;
+    rc = ctl_redis_connect(c);
+    if (rc != 0) {
+        policy_config_free(base);
+        return rc;
+    }
+    hkey = ctl_key(c, SCHEMA_POLICY);
+    canon = ctl_canon_key(key);
+    rc = -1;
+    for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
+        rc = ctl_reset_once(c, base, hkey, canon);
+    if (rc == -1) {
+        ctl_error("%s changed during each of %d attempts; nothing removed, try again", hkey,
+                  CTL_POLICY_ATTEMPTS);
+        rc = CTL_EXIT_RUNTIME;
+    }
+    free(canon);
+    free(hkey);
+    policy_config_free(base);
+    return rc;
+}

@@ -1,0 +1,32 @@
+/*
+ * ctl_policy: `mailferryctl policy get|set|reset`, the live overrides of
+ * the routing policy in the Redis hash <prefix>policy (docs/policy.md,
+ * docs/ctl.md).
+ *
+ * The base policy is built from the configuration file exactly as the
+ * router builds it (router/policy_load.h), and every change is validated
+ * the way the routers will apply it: a clone of the base, every field of
+ * the hash laid over it with policy_config_set(), then
+ * policy_config_check(). A change that would be rejected is not written,
+ * so the routers never see a hash they refuse. Writes are optimistic
+ * transactions (WATCH/MULTI/EXEC) on the hash, so two operators changing
+ * the policy at once cannot combine into a policy neither validated.
+ *
+ * Each function returns a CTL_EXIT_* code and prints its own messages.
+ */
+#ifndef MF_CTL_POLICY_H
+#define MF_CTL_POLICY_H
+
+#include "ctl/ctl.h"
+
+/* Prints the effective policy (every key, or only key when not NULL) with
+ * the source of each value: "live", "file" or "default". */
+int ctl_policy_get(struct ctl *c, const char *key);
+
+/* Validates and writes one live override, stored in canonical form. */
+int ctl_policy_set(struct ctl *c, const char *key, const char *value);
+
+/* Removes the live override of key, or every override when key is NULL. */
+int ctl_policy_reset(struct ctl *c, const char *key);
+
+#endif
