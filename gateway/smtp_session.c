@@ -65,6 +65,7 @@ struct smtp_tx {
     char **rcpts;
     size_t nrcpts;
     size_t rcpt_cap;
+    unsigned rcpt_tries;          /* RCPT commands seen, accepted or not */
     int smtputf8;
     enum smtp_body body;
     struct smtp_data dec;
@@ -118,6 +119,7 @@ struct smtp_session {
 
 static void smtp_process(struct smtp_session *s);
 static void smtp_close(struct smtp_session *s, const char *reason);
+static void smtp_close_how(struct smtp_session *s, const char *reason, int abort);
 static void smtp_maybe_free(struct smtp_session *s);
 static void smtp_update_reading(struct smtp_session *s);
 
@@ -712,6 +714,7 @@ static void smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
         smtp_error(s);
         return;
     }
+    s->tx->rcpt_tries++;
     rc = smtp_addr_parse_rcpt(cmd->arg, cmd->arglen, s->tx->smtputf8, &path, &why);
     if (rc == SMTP_ADDR_BAD_PARAM) {
         smtp_reply(s, 555, "5.5.4", "%s", why);
@@ -760,8 +763,14 @@ static void smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
         smtp_error(s);
         return;
     }
+    if (s->tx->rcpt_tries == 0) {
+        smtp_reply(s, 503, "5.5.1", "Error: need RCPT command");
+        smtp_error(s);
+        return;
+    }
     if (s->tx->nrcpts == 0) {
-        /* RFC 2920 section 3.1: with every RCPT refused, DATA fails. */
+        /* RFC 2920 section 3.1: with every RCPT refused (a pipelined
+         * group), DATA fails with 554. */
         smtp_reply(s, 554, "5.5.1", "Error: no valid recipients");
         smtp_error(s);
         return;
@@ -1166,7 +1175,14 @@ static void smtp_maybe_free(struct smtp_session *s)
     free(s);
 }
 
+/* Graceful close: replies written so far are flushed and the peer gets
+ * time to read them (conn_close). */
 static void smtp_close(struct smtp_session *s, const char *reason)
+{
+    smtp_close_how(s, reason, 0);
+}
+
+static void smtp_close_how(struct smtp_session *s, const char *reason, int abort)
 {
     uint64_t ms;
 
@@ -1185,8 +1201,12 @@ static void smtp_close(struct smtp_session *s, const char *reason)
         s->inflight--;
     }
     conn_read_stop(s->conn);
-    conn_flush(s->conn);
-    conn_close(s->conn);
+    if (abort) {
+        conn_abort(s->conn);
+    } else {
+        conn_flush(s->conn);
+        conn_close(s->conn);
+    }
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, smtp_timer_closed);
 }
@@ -1277,5 +1297,5 @@ void smtp_session_abort(struct smtp_session *s)
 {
     if (s->state == SMTP_S_CLOSING)
         return;
-    smtp_close(s, "shutdown_grace_expired");
+    smtp_close_how(s, "shutdown_grace_expired", 1);
 }

@@ -5,6 +5,7 @@ and functions that split the headers the gateway adds from the stored
 message. Nothing here starts a process; conftest.py does that.
 """
 
+import json
 import os
 import re
 import socket
@@ -145,7 +146,8 @@ class RawSMTP:
 
     def wait_closed(self, timeout=5.0):
         """True when the server closes the connection within timeout, with
-        no further bytes; raises AssertionError if it sends data instead."""
+        no further bytes; raises AssertionError if it sends data instead.
+        Like a real client, closes its own end once the server has."""
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -154,6 +156,7 @@ class RawSMTP:
                     raise AssertionError("unexpected bytes before close: %r; transcript:\n%s"
                                          % (self.buf, self.show()))
         except SMTPClosed:
+            self.close()
             return True
         except socket.timeout:
             return False
@@ -291,7 +294,6 @@ def check_stored(msg_hash, sent, sender, rcpts):
     dict name -> list of field bytes."""
     assert msg_hash, "message not found in Redis"
     assert msg_hash["from"] == sender, msg_hash["from"]
-    import json
     assert json.loads(msg_hash["rcpts"]) == rcpts, msg_hash["rcpts"]
     data = msg_hash["data"]
     added, rest = split_added(data, sent)

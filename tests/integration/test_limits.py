@@ -183,8 +183,10 @@ def test_max_connections_per_ip(start_gateway, raw):
     r = c.greeting()
     assert r.code == 421 and r.enhanced() == "4.7.0", c.show()
     assert c.wait_closed(5), c.show()
+    c.close()
     assert a.cmd("QUIT").code == 221
     assert a.wait_closed(5)
+    a.close()
     deadline = time.monotonic() + 3
     while True:
         d = raw(gw.plain)

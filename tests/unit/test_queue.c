@@ -643,7 +643,9 @@ static void test_kill_and_restart(void **state)
     assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
     enqueue_ok(&f);
 
-    /* A command in flight when Redis dies fails with "connection lost". */
+    /* A transaction in flight when Redis dies fails as a lost connection;
+     * its EXEC had reached the socket, so lib/redis.c reports the outcome
+     * as unknown (the header's at-least-once case). */
     simple_msg(&m);
     kill(redis_pid, SIGSTOP);
     queue_id_new(id);
@@ -655,7 +657,7 @@ static void test_kill_and_restart(void **state)
     assert_true(run_until(&f.loop, cond_called, &r1, 3000));
     assert_int_equal(r1.calls, 1);
     assert_int_equal(r1.status, -ECONNRESET);
-    assert_string_equal(r1.err, "redis: connection lost");
+    assert_string_equal(r1.err, "redis: outcome unknown");
     assert_true(run_until(&f.loop, cond_not_ready, f.q, 3000));
 
     /* While Redis is down: an immediate failure, from the loop. */
@@ -700,7 +702,8 @@ static void test_timeout_sigstop(void **state)
     waited = (double)(r.at - start) / 1e9;
     assert_int_equal(r.calls, 1);
     assert_int_equal(r.status, -ETIMEDOUT);
-    assert_string_equal(r.err, "redis: timeout");
+    /* The paused Redis has the EXEC in its socket: it may still run it. */
+    assert_string_equal(r.err, "redis: outcome unknown");
     assert_true(waited >= 0.9);
     assert_true(waited <= 2.0);   /* timeout + 1 s */
     assert_int_equal(queue_pending_bytes(f.q), 0);

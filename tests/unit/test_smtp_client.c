@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -120,6 +121,9 @@ static pid_t spawn(char *const argv[], const char *logpath)
     if (pid == 0) {
         int fd = open(logpath, O_WRONLY | O_CREAT | O_APPEND, 0644);
 
+        /* A test binary killed from outside takes its peers with it. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+
         if (fd >= 0) {
             dup2(fd, 1);
             dup2(fd, 2);
@@ -196,20 +200,21 @@ struct peer {
     char dir[64];
 };
 
-/* Peers still running, so that a failed test's teardown stops them. */
-static struct peer *live_peers[8];
+/* Copies of the peers still running, so that the teardown of a failed
+ * test (whose struct peer was on the stack it left) stops them. */
+static struct peer live_peers[8];
 
-static void peer_track(struct peer *p, int on)
+static void peer_track(const struct peer *p, int on)
 {
     size_t i;
 
     for (i = 0; i < 8; i++) {
-        if (on && live_peers[i] == NULL) {
-            live_peers[i] = p;
+        if (on && live_peers[i].pid == 0) {
+            live_peers[i] = *p;
             return;
         }
-        if (!on && live_peers[i] == p) {
-            live_peers[i] = NULL;
+        if (!on && live_peers[i].pid == p->pid) {
+            live_peers[i].pid = 0;
             return;
         }
     }
@@ -375,9 +380,13 @@ static int teardown(void **state)
     int expired = 0;
 
     (void)state;
-    for (size_t i = 0; i < 8; i++)
-        if (live_peers[i] != NULL)
-            peer_stop(live_peers[i]);
+    for (size_t i = 0; i < 8; i++) {
+        if (live_peers[i].pid != 0) {
+            struct peer p = live_peers[i];
+
+            peer_stop(&p);
+        }
+    }
     uv_timer_init(&loop, &wd);
     wd.data = &expired;
     uv_timer_start(&wd, on_watchdog, 15000, 0);
