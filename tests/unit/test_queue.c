@@ -600,8 +600,20 @@ static void test_invalid_utf8_rcpt(void **state)
     queue_id_new(id);
     enqueue(f.q, id, &m, &r);
     assert_true(run_until(&f.loop, cond_called, &r, 5000));
+    assert_int_equal(r.calls, 1);
     assert_int_equal(r.status, -EINVAL);
+    assert_string_equal(r.err, "queue: recipient is not valid UTF-8");
     assert_int_equal(queue_pending_bytes(f.q), 0);
+    /* Nothing was written, and the connection is still usable. */
+    {
+        redisContext *c = redis_sync(redis_port, NULL, 0);
+        redisReply *v = redisCommand(c, "EXISTS mf:msg:%s", id);
+        assert_int_equal(v->integer, 0);
+        freeReplyObject(v);
+        redisFree(c);
+    }
+    assert_true(queue_ready(f.q));
+    enqueue_ok(&f);
     fixture_finish(&f);
 }
 
@@ -623,6 +635,18 @@ static void test_not_connected(void **state)
     assert_true(run_until(&f.loop, cond_called, &r, 5000));
     assert_int_equal(r.calls, 1);
     assert_int_equal(r.status, -ENOTCONN);
+    /* Not being connected is reported before a bad recipient. */
+    {
+        static const char *const bad[] = {"bad\xff@example.com"};
+        struct result r2 = {0};
+        m.rcpts = bad;
+        queue_id_new(id);
+        enqueue(f.q, id, &m, &r2);
+        assert_true(run_until(&f.loop, cond_called, &r2, 5000));
+        assert_int_equal(r2.calls, 1);
+        assert_int_equal(r2.status, -ENOTCONN);
+        assert_string_equal(r2.err, "redis: not connected");
+    }
     /* Let a few reconnect attempts fail, then close during backoff. */
     run_until(&f.loop, cond_ready, f.q, 400);
     assert_false(queue_ready(f.q));
@@ -718,6 +742,18 @@ static void test_timeout_sigstop(void **state)
     enqueue_ok(&f);
     fixture_finish(&f);
     assert_int_equal(r.calls, 1);
+
+    /* Redis read the abandoned transaction from its socket when it
+     * resumed and executed it: the failure reported above is the
+     * at-least-once case of lib/queue.h (the client's retry makes a second
+     * message). */
+    {
+        redisContext *c = redis_sync(redis_port, NULL, 0);
+        redisReply *v = redisCommand(c, "EXISTS mf:msg:%s", id);
+        assert_int_equal(v->integer, 1);
+        freeReplyObject(v);
+        redisFree(c);
+    }
 }
 
 struct bp_state {
@@ -908,6 +944,174 @@ static void test_wait_replicas(void **state)
     fixture_finish(&f);
 }
 
+/* Redis errors: a runtime error inside the executed transaction and a
+ * command refused while queueing both fail the enqueue with -EIO and the
+ * error's text; the connection stays up. */
+static void test_redis_errors(void **state)
+{
+    struct fixture f;
+    struct queue_msg m;
+    struct result r1 = {0}, r2 = {0};
+    char id[QUEUE_ID_LEN + 1];
+    redisContext *c;
+    redisReply *v;
+
+    (void)state;
+    fixture_init(&f, redis_port, 5);
+    f.q = queue_new(&f.loop, &f.cfg);
+    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    simple_msg(&m);
+    c = redis_sync(redis_port, NULL, 0);
+
+    /* The message key exists with another type: HSET answers WRONGTYPE
+     * inside EXEC's array. */
+    queue_id_new(id);
+    v = redisCommand(c, "SET mf:msg:%s x", id);
+    freeReplyObject(v);
+    enqueue(f.q, id, &m, &r1);
+    assert_true(run_until(&f.loop, cond_called, &r1, 5000));
+    assert_int_equal(r1.calls, 1);
+    assert_int_equal(r1.status, -EIO);
+    assert_true(strncmp(r1.err, "WRONGTYPE", 9) == 0);
+    v = redisCommand(c, "DEL mf:msg:%s", id);
+    freeReplyObject(v);
+
+    /* Out of memory: HSET is refused while queueing and that error, not
+     * EXECABORT, is reported; nothing is written. */
+    v = redisCommand(c, "CONFIG SET maxmemory 1");
+    assert_int_equal(v->type, REDIS_REPLY_STATUS);
+    freeReplyObject(v);
+    queue_id_new(id);
+    enqueue(f.q, id, &m, &r2);
+    assert_true(run_until(&f.loop, cond_called, &r2, 5000));
+    v = redisCommand(c, "CONFIG SET maxmemory 0");
+    freeReplyObject(v);
+    assert_int_equal(r2.calls, 1);
+    assert_int_equal(r2.status, -EIO);
+    assert_non_null(strstr(r2.err, "transaction failed: OOM"));
+    v = redisCommand(c, "EXISTS mf:msg:%s", id);
+    assert_int_equal(v->integer, 0);
+    freeReplyObject(v);
+    redisFree(c);
+
+    assert_true(queue_ready(f.q));
+    assert_int_equal(queue_pending_bytes(f.q), 0);
+    enqueue_ok(&f);
+    fixture_finish(&f);
+}
+
+/* Entries added to the ready stream before the consumer group existed
+ * (the group is created at id 0, not $) are delivered to the routers. */
+static void test_group_from_zero(void **state)
+{
+    struct fixture f;
+    redisContext *c;
+    redisReply *v;
+
+    (void)state;
+    c = redis_sync(redis_port, NULL, 0);
+    v = redisCommand(c, "DEL early:ready");
+    freeReplyObject(v);
+    v = redisCommand(c, "XADD early:ready * id before");
+    assert_int_equal(v->type, REDIS_REPLY_STRING);
+    freeReplyObject(v);
+
+    fixture_init(&f, redis_port, 5);
+    f.cfg.queue.prefix = "early:";
+    f.q = queue_new(&f.loop, &f.cfg);
+    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_finish(&f);
+
+    v = redisCommand(c, "XREADGROUP GROUP routers t COUNT 10 STREAMS early:ready >");
+    assert_non_null(v);
+    assert_int_equal(v->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(v->elements, 1);
+    {
+        const redisReply *entries = v->element[0]->element[1];
+        const redisReply *fields;
+        assert_int_equal(entries->elements, 1);
+        fields = entries->element[0]->element[1];
+        assert_string_equal(fields->element[0]->str, "id");
+        assert_string_equal(fields->element[1]->str, "before");
+    }
+    freeReplyObject(v);
+    v = redisCommand(c, "DEL early:ready");
+    freeReplyObject(v);
+    redisFree(c);
+}
+
+static int cond_replica_online(void *arg)
+{
+    redisContext *c = arg;
+    redisReply *v = redisCommand(c, "INFO replication");
+    int ok = v && v->type == REDIS_REPLY_STRING && strstr(v->str, "connected_slaves:1") &&
+             strstr(v->str, "state=online");
+
+    if (v)
+        freeReplyObject(v);
+    if (!ok)
+        usleep(50000);
+    return ok;
+}
+
+/* With a replica attached, WAIT reaches it and the enqueue succeeds. */
+static void test_wait_replica_ok(void **state)
+{
+    char dir[128], primary[16];
+    const char *extra[] = {"--dir", dir, "--replicaof", "127.0.0.1", primary, NULL};
+    struct fixture f;
+    struct queue_msg m;
+    struct result r = {0};
+    char id[QUEUE_ID_LEN + 1];
+    int port = free_port();
+    redisContext *c;
+    redisReply *v;
+    pid_t pid;
+
+    (void)state;
+    snprintf(dir, sizeof(dir), "%s/replica", tmpdir);
+    assert_true(mkdir(dir, 0700) == 0 || errno == EEXIST);
+    snprintf(primary, sizeof(primary), "%d", redis_port);
+    pid = redis_start(port, extra);
+    c = redis_sync(redis_port, NULL, 0);
+    for (int i = 0; i < 200 && !cond_replica_online(c); i++)
+        ;
+    assert_true(cond_replica_online(c));
+
+    fixture_init(&f, redis_port, 5);
+    f.cfg.queue.wait_replicas = 1;
+    f.cfg.queue.wait_timeout = 2000;
+    f.q = queue_new(&f.loop, &f.cfg);
+    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    simple_msg(&m);
+    queue_id_new(id);
+    enqueue(f.q, id, &m, &r);
+    assert_true(run_until(&f.loop, cond_called, &r, 5000));
+    assert_int_equal(r.calls, 1);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(queue_pending_bytes(f.q), 0);
+    fixture_finish(&f);
+
+    /* The replica has the message. */
+    {
+        redisContext *rc = redis_sync(port, NULL, 0);
+        v = redisCommand(rc, "EXISTS mf:msg:%s", id);
+        assert_int_equal(v->integer, 1);
+        freeReplyObject(v);
+        redisFree(rc);
+    }
+    redis_stop(pid);
+    v = redisCommand(c, "REPLICAOF NO ONE");
+    freeReplyObject(v);
+    redisFree(c);
+    {
+        char path[160];
+        snprintf(path, sizeof(path), "%s/dump.rdb", dir);
+        unlink(path);
+        rmdir(dir);
+    }
+}
+
 /* A second Redis with a password and CONFIG disabled, as managed Redis
  * services often are: AUTH and SELECT are used, CONFIG's refusal is not a
  * failure, and a wrong password keeps the queue not ready. */
@@ -984,6 +1188,9 @@ int main(void)
         cmocka_unit_test_setup(test_not_connected, test_setup),
         cmocka_unit_test_setup(test_appendonly_warning, test_setup),
         cmocka_unit_test_setup(test_wait_replicas, test_setup),
+        cmocka_unit_test_setup(test_wait_replica_ok, test_setup),
+        cmocka_unit_test_setup(test_redis_errors, test_setup),
+        cmocka_unit_test_setup(test_group_from_zero, test_setup),
         cmocka_unit_test_setup(test_backpressure, test_setup),
         cmocka_unit_test_setup(test_close_with_pending, test_setup),
         cmocka_unit_test_setup(test_close_while_connecting, test_setup),
