@@ -760,15 +760,18 @@ def print_results(results, args):
     print(f"== queue -> SMTP client -> smtp-sink: {args.messages} messages of "
           f"{args.size} bytes payload, one recipient each{rep}")
     print(f"{'system':14} {'messages':>8} {'seconds':>8} {'msgs/s':>8} {'CPU':>8} "
-          f"{'sink CPU':>8}  {'delivered':<16} CPU split")
-    print(f"{'':14} {'':>8} {'':>8} {'':>8} {'ms/msg':>8} {'ms/msg':>8}  {'':<16} ms/msg")
+          f"{'sink CPU':>8} {'cores':>5}  {'delivered':<16} CPU split")
+    print(f"{'':14} {'':>8} {'':>8} {'':>8} {'ms/msg':>8} {'ms/msg':>8} {'busy':>5}  {'':<16} "
+          f"ms/msg")
     for s in SYSTEMS:
         r = agg.get(s)
         if r is None:
             continue
         ok = "ok" if r.delivered == r.count and r.left == 0 else f"MISMATCH, {r.left} left"
+        # Cores kept busy: (system + sink) CPU per message times msgs/s.
+        busy = (r.server_ms + r.sink_ms) * r.rate / 1000.0
         line = (f"{s:14} {r.count:>8} {r.elapsed:>8.2f} {r.rate:>8.0f} {r.server_ms:>8.3f} "
-                f"{r.sink_ms:>8.3f}  {f'{r.delivered} {ok}':<16} ")
+                f"{r.sink_ms:>8.3f} {busy:>5.2f}  {f'{r.delivered} {ok}':<16} ")
         if r.split is not None:
             line += f"router(s) {r.split[0]:.3f} + redis {r.split[1]:.3f}"
         else:
@@ -789,6 +792,13 @@ def print_results(results, args):
                      f"{m2.server_ms / m1.server_ms:6.2f}")
     if pf and m2:
         lines.append(f"  mailferry(2)/postfix       = {m2.rate / pf.rate:6.2f}")
+    if m1:
+        # What the CPU allows at all: every core busy with mailferry, Redis
+        # and the sink at the CPU cost per message of one router.
+        ceiling = (os.cpu_count() or 1) * 1000.0 / (m1.server_ms + m1.sink_ms)
+        lines.append(f"  CPU ceiling on {os.cpu_count()} cores at mailferry(1)'s CPU per msg "
+                     f"(incl. sink): {ceiling:.0f} msgs/s = {ceiling / m1.rate:.2f} x "
+                     f"mailferry(1)")
     if lines:
         print("ratios of msgs/s (target in brackets):")
         print("\n".join(lines))
@@ -805,7 +815,8 @@ def header(args, env):
     dirty = ver(["git", "-C", args.repo, "status", "--porcelain", "--untracked-files=no"])
     print(f"mailferry router benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     print(f"  host: {platform.node()}  {os.cpu_count()} CPUs  kernel {platform.release()}")
-    print(f"  mailferry: {args.mailferry} (commit {commit}{' + local changes' if dirty else ''})")
+    print(f"  mailferry: {args.mailferry} (repository at {commit}"
+          f"{' + local changes' if dirty else ''})")
     print(f"  redis: {ver([REDIS_SERVER, '--version']).split(' sha=')[0]}, appendonly yes, "
           f"appendfsync {args.appendfsync}; postfix {ver([POSTCONF, '-d', '-h', 'mail_version'])}")
     print(f"  router: concurrency {args.concurrency}, batch {args.batch}, route {ROUTE}: smtp "

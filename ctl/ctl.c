@@ -213,6 +213,47 @@ char *ctl_keyf(const struct ctl *c, const char *fmt, ...)
     return buf_steal(&b, NULL);
 }
 
+/* A copy of s with bytes outside printable ASCII replaced by '?'. */
+static char *ctl_ascii(const char *s)
+{
+    char *d = xstrdup(s);
+
+    for (char *p = d; *p; p++)
+        if ((unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e)
+            *p = '?';
+    return d;
+}
+
+json_t *ctl_json_string(const char *s)
+{
+    json_t *j = json_string(s);
+    char *a;
+
+    if (j != NULL)
+        return j;
+    a = ctl_ascii(s);
+    j = json_string(a);
+    free(a);
+    return j;
+}
+
+void ctl_json_set(json_t *o, const char *key, json_t *v)
+{
+    /* json_string() is the public UTF-8 check; json_object_set_new()
+     * would drop v for a key that fails it. */
+    json_t *probe = json_string(key);
+    char *a;
+
+    if (probe != NULL) {
+        json_decref(probe);
+        json_object_set_new(o, key, v);
+        return;
+    }
+    a = ctl_ascii(key);
+    json_object_set_new(o, a, v);
+    free(a);
+}
+
 /* Parses all of s as a decimal integer. */
 static int ctl_parse_ll(const char *s, long long *out)
 {

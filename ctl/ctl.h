@@ -14,6 +14,7 @@
 #define MF_CTL_H
 
 #include <hiredis/hiredis.h>
+#include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -73,6 +74,15 @@ char *ctl_key(const struct ctl *c, const char *name);
 
 /* ctl_key() of a name built with printf formatting. */
 char *ctl_keyf(const struct ctl *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Returns a JSON string of s. Text that is not valid UTF-8 (a hand-written
+ * Redis field, say) keeps its ASCII characters and shows every other byte
+ * as '?', so the output stays valid JSON. */
+json_t *ctl_json_string(const char *s);
+
+/* Sets o[key] = v (a new reference, consumed), with key made valid UTF-8
+ * as ctl_json_string() does. */
+void ctl_json_set(json_t *o, const char *key, json_t *v);
 
 /* Parses a decimal integer reply (an INTEGER, or a STRING of digits such
  * as HGET answers). Returns 0, or -1 for NIL, other types and bad text. */

@@ -44,6 +44,14 @@ struct ctl_rows {
     size_t n, cap;
 };
 
+/* One key of a set or reset command. */
+struct ctl_change {
+    char *canon;              /* the key, canonical */
+    const char *value;        /* set: as given; reset: NULL */
+    char *written;            /* set: canonical value; reset: the value now */
+    size_t matching;          /* reset: hash fields that mean this key */
+};
+
 /* ---- helpers ------------------------------------------------------------- */
 
 /* The key as policy_config_set() reads it: ASCII blanks around it removed
@@ -152,17 +160,24 @@ static int ctl_live_read(struct ctl *c, const char *hkey, struct ctl_live *live)
     return 0;
 }
 
+static bool ctl_changes_have(const struct ctl_change *ch, size_t n, const char *canon)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(ch[i].canon, canon) == 0)
+            return true;
+    return false;
+}
+
 /*
  * What the routers compute: a clone of base with every live field applied
- * (except those whose key is skip, when skip is not NULL), then the whole
- * checked. extra_key/extra_value, when not NULL, are applied last. Returns
- * the config, or NULL with the policy module's message in err and, when a
- * field of the hash was refused on its own, that field in *bad (if bad is
- * not NULL).
+ * except those whose key is one of the n changes, then the values of the
+ * changes (when apply is true), then the whole checked. Returns the config,
+ * or NULL with the policy module's message in err and, when a field of the
+ * hash was refused on its own, that field in *bad (if bad is not NULL).
  */
 static struct policy_config *ctl_overlay(const struct policy_config *base,
-                                         const struct ctl_live *live, const char *skip,
-                                         const char *extra_key, const char *extra_value,
+                                         const struct ctl_live *live,
+                                         const struct ctl_change *ch, size_t n, bool apply,
                                          const struct ctl_field **bad, char *err,
                                          size_t errlen)
 {
@@ -172,7 +187,7 @@ static struct policy_config *ctl_overlay(const struct policy_config *base,
         *bad = NULL;
     for (size_t i = 0; i < live->n; i++) {
         const struct ctl_field *f = &live->v[i];
-        if (skip != NULL && strcmp(f->canon, skip) == 0)
+        if (ctl_changes_have(ch, n, f->canon))
             continue;
         if (policy_config_set(pc, f->raw, f->value, err, errlen) != POLICY_OK) {
             if (bad != NULL)
@@ -180,8 +195,9 @@ static struct policy_config *ctl_overlay(const struct policy_config *base,
             goto fail;
         }
     }
-    if (extra_key != NULL && policy_config_set(pc, extra_key, extra_value, err, errlen) != POLICY_OK)
-        goto fail;
+    for (size_t i = 0; apply && i < n; i++)
+        if (policy_config_set(pc, ch[i].canon, ch[i].value, err, errlen) != POLICY_OK)
+            goto fail;
     if (policy_config_check(pc, err, errlen) != POLICY_OK)
         goto fail;
     return pc;
@@ -263,8 +279,10 @@ static void ctl_print_json(const struct ctl_row *v, size_t n)
     char *s;
 
     for (size_t i = 0; i < n; i++) {
-        json_t *e = json_pack("{s:s, s:s}", "value", v[i].value, "source", v[i].source);
-        json_object_set_new(o, v[i].key, e);
+        json_t *e = json_object();
+        json_object_set_new(e, "value", ctl_json_string(v[i].value));
+        json_object_set_new(e, "source", json_string(v[i].source));
+        ctl_json_set(o, v[i].key, e);
     }
     s = json_dumps(o, JSON_PRESERVE_ORDER | JSON_INDENT(2));
     printf("%s\n", s);
@@ -296,7 +314,7 @@ int ctl_policy_get(struct ctl *c, const char *key)
         policy_config_free(base);
         return rc;
     }
-    eff = ctl_overlay(base, &live, NULL, NULL, NULL, NULL, err, sizeof(err));
+    eff = ctl_overlay(base, &live, NULL, 0, false, NULL, err, sizeof(err));
     if (eff == NULL) {
         ctl_error("warning: routers reject the live overrides in %s: %s; showing the file's "
                   "policy (routers keep the last policy they accepted)", hkey, err);
@@ -467,14 +485,23 @@ static int ctl_watch_read(struct ctl *c, const char *hkey, struct ctl_live *live
     return ctl_live_read(c, hkey, live);
 }
 
+/* Reports a key the policy refuses, with policy_config_set()'s answer. */
+static void ctl_refused(const char *canon, int rc, const char *err)
+{
+    if (rc == POLICY_E_NOT_POLICY)
+        ctl_not_policy(canon, err);
+    else
+        ctl_error("%s", err);
+}
+
 /*
- * One attempt at writing key = value: validates against the file and the
- * current hash, then replaces every field that means the same key with
- * the canonical one. Returns CTL_EXIT_* or -1 when the hash changed under
- * the WATCH (try again). *canon_value receives the value written.
+ * One attempt at writing the n changes: validates them against the file
+ * and the current hash, then replaces every field that means one of the
+ * keys with the canonical one, in one transaction. Returns CTL_EXIT_*, or
+ * -1 when the hash changed under the WATCH (try again). Fills written.
  */
 static int ctl_set_once(struct ctl *c, const struct policy_config *base, const char *hkey,
-                        const char *canon, const char *value, char **canon_value)
+                        struct ctl_change *ch, size_t n)
 {
     const struct ctl_field *bad;
     struct ctl_live live;
@@ -487,19 +514,18 @@ static int ctl_set_once(struct ctl *c, const struct policy_config *base, const c
     if (rc != 0)
         return rc;
 
-    /* The key alone first, so that its own error is the one reported. */
-    pc = policy_config_clone(base);
-    grc = policy_config_set(pc, canon, value, err, sizeof(err));
-    policy_config_free(pc);
-    if (grc != POLICY_OK) {
-        if (grc == POLICY_E_NOT_POLICY)
-            ctl_not_policy(canon, err);
-        else
-            ctl_error("%s", err);
-        rc = CTL_EXIT_USAGE;
-        goto out_unwatch;
+    /* Each key alone first, so that its own error is the one reported. */
+    for (size_t i = 0; i < n; i++) {
+        pc = policy_config_clone(base);
+        grc = policy_config_set(pc, ch[i].canon, ch[i].value, err, sizeof(err));
+        policy_config_free(pc);
+        if (grc != POLICY_OK) {
+            ctl_refused(ch[i].canon, grc, err);
+            rc = CTL_EXIT_USAGE;
+            goto out_unwatch;
+        }
     }
-    pc = ctl_overlay(base, &live, canon, canon, value, &bad, err, sizeof(err));
+    pc = ctl_overlay(base, &live, ch, n, true, &bad, err, sizeof(err));
     if (pc == NULL) {
         if (bad != NULL)
             ctl_error("%s (a live override already stored in %s; remove it with "
@@ -510,71 +536,113 @@ static int ctl_set_once(struct ctl *c, const struct policy_config *base, const c
         goto out_unwatch;
     }
     ctl_rows_collect(pc, &rows);
-    *canon_value = ctl_value(pc, &rows, canon, &grc, err, sizeof(err));
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        free(ch[i].written);
+        ch[i].written = ctl_value(pc, &rows, ch[i].canon, &grc, err, sizeof(err));
+        if (ch[i].written == NULL) {
+            ctl_refused(ch[i].canon, grc, err);
+            rc = CTL_EXIT_USAGE;
+        }
+    }
     ctl_rows_free(&rows);
     policy_config_free(pc);
-    if (*canon_value == NULL) {
-        ctl_error("%s", err);
-        rc = CTL_EXIT_USAGE;
+    if (rc != 0)
         goto out_unwatch;
-    }
 
     rc = ctl_multi_begin(c);
     if (rc != 0)
         goto out;
     for (size_t i = 0; i < live.n && rc == 0; i++) {
-        /* Fields spelled differently that mean the same key go away, so
-         * that the hash holds the key once. */
-        if (strcmp(live.v[i].canon, canon) == 0 && strcmp(live.v[i].raw, canon) != 0)
+        /* Fields spelled differently that mean one of the keys go away, so
+         * that the hash holds each key once. */
+        if (ctl_changes_have(ch, n, live.v[i].canon) &&
+            strcmp(live.v[i].raw, live.v[i].canon) != 0)
             rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[i].raw, NULL));
     }
-    if (rc == 0)
-        rc = ctl_queued(c, ctl_redis_cmd(c, "HSET", hkey, canon, *canon_value, NULL));
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = ctl_queued(c, ctl_redis_cmd(c, "HSET", hkey, ch[i].canon, ch[i].written, NULL));
     rc = ctl_multi_end(c, rc);
     goto out;
 
 out_unwatch:
     ctl_unwatch(c);
 out:
-    if (rc != CTL_EXIT_OK) {
-        free(*canon_value);
-        *canon_value = NULL;
-    }
     ctl_live_free(&live);
     return rc;
 }
 
-int ctl_policy_set(struct ctl *c, const char *key, const char *value)
+/* Turns the keys of a command into changes; refuses a key given twice.
+ * Returns 0 or CTL_EXIT_USAGE. */
+static int ctl_changes_new(size_t n, const char **keys, const char **values,
+                           struct ctl_change **out)
 {
-    struct policy_config *base;
-    char *hkey, *canon, *written = NULL;
-    int rc = -1;
+    struct ctl_change *ch = xcalloc(n ? n : 1, sizeof(*ch));
 
-    base = ctl_base(c);
-    if (base == NULL)
+    for (size_t i = 0; i < n; i++) {
+        ch[i].canon = ctl_canon_key(keys[i]);
+        ch[i].value = values ? values[i] : NULL;
+        if (ctl_changes_have(ch, i, ch[i].canon)) {
+            ctl_error("%s: given more than once", ch[i].canon);
+            *out = ch;
+            return CTL_EXIT_USAGE;
+        }
+    }
+    *out = ch;
+    return 0;
+}
+
+static void ctl_changes_free(struct ctl_change *ch, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(ch[i].canon);
+        free(ch[i].written);
+    }
+    free(ch);
+}
+
+/* Loads the base policy, connects and names the hash: what set and reset
+ * with keys need. Returns 0 or a CTL_EXIT_* code. */
+static int ctl_prepare(struct ctl *c, struct policy_config **base, char **hkey)
+{
+    int rc;
+
+    *base = ctl_base(c);
+    if (*base == NULL)
         return CTL_EXIT_USAGE;
     rc = ctl_redis_connect(c);
     if (rc != 0) {
-        policy_config_free(base);
+        policy_config_free(*base);
+        *base = NULL;
         return rc;
     }
-    hkey = ctl_key(c, SCHEMA_POLICY);
-    canon = ctl_canon_key(key);
-    for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS; attempt++) {
-        rc = ctl_set_once(c, base, hkey, canon, value, &written);
-        if (rc != -1)
-            break;
+    *hkey = ctl_key(c, SCHEMA_POLICY);
+    return 0;
+}
+
+int ctl_policy_set(struct ctl *c, size_t n, const char **keys, const char **values)
+{
+    struct policy_config *base = NULL;
+    struct ctl_change *ch = NULL;
+    char *hkey = NULL;
+    int rc;
+
+    rc = ctl_changes_new(n, keys, values, &ch);
+    if (rc == 0)
+        rc = ctl_prepare(c, &base, &hkey);
+    if (rc == 0) {
+        rc = -1;
+        for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
+            rc = ctl_set_once(c, base, hkey, ch, n);
+        if (rc == -1) {
+            ctl_error("%s changed during each of %d attempts; nothing written, try again",
+                      hkey, CTL_POLICY_ATTEMPTS);
+            rc = CTL_EXIT_RUNTIME;
+        }
     }
-    if (rc == -1) {
-        ctl_error("%s changed during each of %d attempts; nothing written, try again", hkey,
-                  CTL_POLICY_ATTEMPTS);
-        rc = CTL_EXIT_RUNTIME;
-    }
-    if (rc == CTL_EXIT_OK)
-        printf("%s = %s (applied by routers within %d ms)\n", canon, written,
+    for (size_t i = 0; rc == CTL_EXIT_OK && i < n; i++)
+        printf("%s = %s (applied by routers within %d ms)\n", ch[i].canon, ch[i].written,
                c->cfg.router.policy_refresh);
-    free(written);
-    free(canon);
+    ctl_changes_free(ch, n);
     free(hkey);
     policy_config_free(base);
     return rc;
@@ -605,92 +673,96 @@ static int ctl_reset_all(struct ctl *c, const char *hkey)
     return CTL_EXIT_OK;
 }
 
-/* One attempt at removing key's overrides; -1 when the hash changed. */
+/*
+ * One attempt at removing the overrides of the n keys in one transaction.
+ * A key must be valid unless the hash holds it (a hand-written field may
+ * be removed whatever it says). Returns CTL_EXIT_*, or -1 when the hash
+ * changed under the WATCH. Fills written with each key's value afterwards.
+ */
 static int ctl_reset_once(struct ctl *c, const struct policy_config *base, const char *hkey,
-                          const char *canon)
+                          struct ctl_change *ch, size_t n)
 {
     struct ctl_live live;
-    struct ctl_rows rows = {0}, base_rows = {0};
-    struct policy_config *before, *after;
+    struct ctl_rows rows = {0};
+    struct policy_config *before, *after, *now;
     char err[1024], why[1024];
-    char *value = NULL;
     size_t matching = 0;
     int rc, grc;
 
     rc = ctl_watch_read(c, hkey, &live);
     if (rc != 0)
         return rc;
-    for (size_t i = 0; i < live.n; i++)
-        if (strcmp(live.v[i].canon, canon) == 0)
-            matching++;
-    ctl_rows_collect(base, &base_rows);
-
-    if (matching == 0) {
-        ctl_unwatch(c);
-        value = ctl_value(base, &base_rows, canon, &grc, err, sizeof(err));
-        if (value == NULL) {
-            if (grc == POLICY_E_NOT_POLICY)
-                ctl_not_policy(canon, err);
-            else
-                ctl_error("%s", err);
+    for (size_t i = 0; i < n; i++) {
+        ch[i].matching = 0;
+        for (size_t j = 0; j < live.n; j++)
+            if (strcmp(live.v[j].canon, ch[i].canon) == 0)
+                ch[i].matching++;
+        matching += ch[i].matching;
+        if (ch[i].matching == 0 &&
+            (grc = policy_config_get(base, ch[i].canon, err, sizeof(err))) != POLICY_OK) {
+            ctl_refused(ch[i].canon, grc, err);
             rc = CTL_EXIT_USAGE;
-        } else {
-            printf("%s = %s (%s value; there was no live override)\n", canon, value,
-                   ctl_file_source(&base_rows, canon));
-            rc = CTL_EXIT_OK;
+            goto out_unwatch;
         }
-        goto out;
     }
 
     /* Refuse to turn an accepted policy into one the routers reject; a
      * policy already rejected may lose any key. */
-    before = ctl_overlay(base, &live, NULL, NULL, NULL, NULL, why, sizeof(why));
-    after = ctl_overlay(base, &live, canon, NULL, NULL, NULL, err, sizeof(err));
+    before = ctl_overlay(base, &live, NULL, 0, false, NULL, why, sizeof(why));
+    after = ctl_overlay(base, &live, ch, n, false, NULL, err, sizeof(err));
     if (after == NULL && before != NULL) {
-        ctl_error("cannot reset %s: %s", canon, err);
+        if (n == 1)
+            ctl_error("cannot reset %s: %s", ch[0].canon, err);
+        else
+            ctl_error("cannot reset these keys: %s", err);
         policy_config_free(before);
-        ctl_unwatch(c);
         rc = CTL_EXIT_USAGE;
-        goto out;
+        goto out_unwatch;
     }
-    policy_config_free(before);
-    if (after != NULL) {
-        ctl_rows_collect(after, &rows);
-        value = ctl_value(after, &rows, canon, &grc, err, sizeof(err));
-        policy_config_free(after);
-    } else {
+    if (after == NULL)
         ctl_error("warning: the remaining live overrides are still rejected: %s", err);
+    now = after != NULL ? after : before != NULL ? before : NULL;
+    ctl_rows_collect(now != NULL ? now : base, &rows);
+    for (size_t i = 0; i < n; i++) {
+        free(ch[i].written);
+        ch[i].written = ctl_value(now != NULL ? now : base, &rows, ch[i].canon, &grc, err,
+                                  sizeof(err));
+        if (ch[i].written == NULL)
+            ch[i].written = xstrdup("?");
     }
-    if (value == NULL)
-        value = ctl_value(base, &base_rows, canon, &grc, err, sizeof(err));
+    ctl_rows_free(&rows);
+    policy_config_free(before);
+    policy_config_free(after);
 
+    if (matching == 0) {
+        rc = CTL_EXIT_OK;
+        goto out_unwatch;
+    }
     rc = ctl_multi_begin(c);
     if (rc != 0)
         goto out;
-    for (size_t i = 0; i < live.n && rc == 0; i++)
-        if (strcmp(live.v[i].canon, canon) == 0)
-            rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[i].raw, NULL));
+    for (size_t j = 0; j < live.n && rc == 0; j++)
+        if (ctl_changes_have(ch, n, live.v[j].canon))
+            rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[j].raw, NULL));
     rc = ctl_multi_end(c, rc);
-    if (rc == CTL_EXIT_OK)
-        printf("%s = %s (%s value; applied by routers within %d ms)\n", canon,
-               value ? value : "?", ctl_file_source(&base_rows, canon),
-               c->cfg.router.policy_refresh);
+    goto out;
 
+out_unwatch:
+    ctl_unwatch(c);
 out:
-    free(value);
-    ctl_rows_free(&rows);
-    ctl_rows_free(&base_rows);
     ctl_live_free(&live);
     return rc;
 }
 
-int ctl_policy_reset(struct ctl *c, const char *key)
+int ctl_policy_reset(struct ctl *c, size_t n, const char **keys)
 {
-    struct policy_config *base;
-    char *hkey, *canon;
+    struct policy_config *base = NULL;
+    struct ctl_change *ch = NULL;
+    struct ctl_rows base_rows = {0};
+    char *hkey = NULL;
     int rc;
 
-    if (key == NULL) {
+    if (n == 0) {
         rc = ctl_redis_connect(c);
         if (rc != 0)
             return rc;
@@ -700,25 +772,31 @@ int ctl_policy_reset(struct ctl *c, const char *key)
         return rc;
     }
 
-    base = ctl_base(c);
-    if (base == NULL)
-        return CTL_EXIT_USAGE;
-    rc = ctl_redis_connect(c);
-    if (rc != 0) {
-        policy_config_free(base);
-        return rc;
+    rc = ctl_changes_new(n, keys, NULL, &ch);
+    if (rc == 0)
+        rc = ctl_prepare(c, &base, &hkey);
+    if (rc == 0) {
+        ctl_rows_collect(base, &base_rows);
+        rc = -1;
+        for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
+            rc = ctl_reset_once(c, base, hkey, ch, n);
+        if (rc == -1) {
+            ctl_error("%s changed during each of %d attempts; nothing removed, try again",
+                      hkey, CTL_POLICY_ATTEMPTS);
+            rc = CTL_EXIT_RUNTIME;
+        }
     }
-    hkey = ctl_key(c, SCHEMA_POLICY);
-    canon = ctl_canon_key(key);
-    rc = -1;
-    for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
-        rc = ctl_reset_once(c, base, hkey, canon);
-    if (rc == -1) {
-        ctl_error("%s changed during each of %d attempts; nothing removed, try again", hkey,
-                  CTL_POLICY_ATTEMPTS);
-        rc = CTL_EXIT_RUNTIME;
+    for (size_t i = 0; rc == CTL_EXIT_OK && i < n; i++) {
+        if (ch[i].matching > 0)
+            printf("%s = %s (%s value; applied by routers within %d ms)\n", ch[i].canon,
+                   ch[i].written, ctl_file_source(&base_rows, ch[i].canon),
+                   c->cfg.router.policy_refresh);
+        else
+            printf("%s = %s (%s value; there was no live override)\n", ch[i].canon,
+                   ch[i].written, ctl_file_source(&base_rows, ch[i].canon));
     }
-    free(canon);
+    ctl_rows_free(&base_rows);
+    ctl_changes_free(ch, n);
     free(hkey);
     policy_config_free(base);
     return rc;

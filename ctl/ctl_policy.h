@@ -23,10 +23,15 @@
  * the source of each value: "live", "file" or "default". */
 int ctl_policy_get(struct ctl *c, const char *key);
 
-/* Validates and writes one live override, stored in canonical form. */
-int ctl_policy_set(struct ctl *c, const char *key, const char *value);
+/*
+ * Validates and writes n live overrides keys[i] = values[i] (n >= 1), all
+ * or none, each stored in canonical form. Several keys at once allow
+ * changes that are only valid together (warmup_start with warmup_caps).
+ */
+int ctl_policy_set(struct ctl *c, size_t n, const char **keys, const char **values);
 
-/* Removes the live override of key, or every override when key is NULL. */
-int ctl_policy_reset(struct ctl *c, const char *key);
+/* Removes the live overrides of the n keys, all or none, or every
+ * override when n is 0. */
+int ctl_policy_reset(struct ctl *c, size_t n, const char **keys);
 
 #endif

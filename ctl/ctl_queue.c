@@ -516,7 +516,7 @@ static void ctl_queue_json(const struct ctl_queue_info *q)
     json_object_set_new(o, "oldest_age_ms",
                         q->have_oldest ? json_integer(q->now_ms - q->oldest_ms) : json_null());
     json_object_set_new(o, "oldest_id",
-                        q->have_oldest && q->oldest_id[0] ? json_string(q->oldest_id)
+                        q->have_oldest && q->oldest_id[0] ? ctl_json_string(q->oldest_id)
                                                           : json_null());
     json_object_set_new(o, "oldest_in", q->have_oldest ? json_string(q->oldest_where)
                                                        : json_null());
@@ -530,7 +530,7 @@ static void ctl_queue_json(const struct ctl_queue_info *q)
         json_object_set_new(e, "bounced", json_integer(st->bounced));
         json_object_set_new(e, "held", json_integer(st->held));
         json_object_set_new(e, "share", sh < 0 ? json_null() : json_real((double)sh / 10.0));
-        json_object_set_new(routes, st->name, e);
+        ctl_json_set(routes, st->name, e);
     }
     json_object_set_new(o, "routes", routes);
     s = json_dumps(o, JSON_PRESERVE_ORDER | JSON_INDENT(2));

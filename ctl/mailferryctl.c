@@ -2,8 +2,8 @@
  * mailferryctl: the operator's command line for a running mailferry.
  *
  *   mailferryctl [--config FILE] [--json] policy get [KEY]
- *   mailferryctl [--config FILE] policy set KEY VALUE
- *   mailferryctl [--config FILE] policy reset [KEY]
+ *   mailferryctl [--config FILE] policy set KEY VALUE [KEY VALUE ...]
+ *   mailferryctl [--config FILE] policy reset [KEY ...]
  *   mailferryctl [--config FILE] [--json] queue
  *
  * It reads the same configuration file as the daemons (with the same
@@ -23,6 +23,7 @@
 #include "ctl/ctl.h"
 #include "ctl/ctl_policy.h"
 #include "ctl/ctl_queue.h"
+#include "lib/xmalloc.h"
 
 #define CTL_DEFAULT_CONFIG "/etc/mailferry/mailferry.conf"
 
@@ -33,9 +34,10 @@ static void usage(FILE *f)
             "commands:\n"
             "  policy get [KEY]       the effective routing policy (or one key) with the\n"
             "                         source of each value: live, file or default\n"
-            "  policy set KEY VALUE   validate and store a live override; routers apply it\n"
-            "                         within [router] policy_refresh ms\n"
-            "  policy reset [KEY]     remove the live override of KEY, or all of them\n"
+            "  policy set KEY VALUE [KEY VALUE ...]\n"
+            "                         validate and store live overrides (all or none);\n"
+            "                         routers apply them within [router] policy_refresh ms\n"
+            "  policy reset [KEY ...] remove the live overrides of the KEYs, or all of them\n"
             "  queue                  queue counts, oldest message, and recipients per route\n"
             "                         over the current and previous UTC hour\n"
             "options:\n"
@@ -84,21 +86,28 @@ static int take_json(struct ctl *c, int argc, char **argv)
 
 enum ctl_cmd { CMD_POLICY_GET, CMD_POLICY_SET, CMD_POLICY_RESET, CMD_QUEUE };
 
-/* Parses the command and its arguments (argv holds what follows the
- * options). Returns -1 with *cmd, *a1 and *a2 set, or CTL_EXIT_USAGE after
- * printing why and the usage text. */
+/* A parsed command line: the command and its keys and values. */
+struct ctl_args {
+    enum ctl_cmd cmd;
+    const char *key;          /* policy get KEY, or NULL */
+    const char **keys;        /* policy set / reset */
+    const char **values;      /* policy set */
+    size_t n;
+};
 
-static int parse_command(struct ctl *c, int argc, char **argv, enum ctl_cmd *cmd,
-                         const char **a1, const char **a2)
+/* Parses the command and its arguments (argv holds what follows the
+ * options). Returns -1 with *a filled, or CTL_EXIT_USAGE after printing
+ * why and the usage text. */
+static int parse_command(struct ctl *c, int argc, char **argv, struct ctl_args *a)
 {
-    *a1 = *a2 = NULL;
+    memset(a, 0, sizeof(*a));
     if (argc < 1)
         return usage_error("no command given");
     if (strcmp(argv[0], "queue") == 0) {
         argc = take_json(c, argc - 1, argv + 1);
         if (argc != 0)
             return usage_error("queue: unexpected argument \"%s\"", argv[1]);
-        *cmd = CMD_QUEUE;
+        a->cmd = CMD_QUEUE;
         return -1;
     }
     if (strcmp(argv[0], "policy") != 0)
@@ -109,23 +118,29 @@ static int parse_command(struct ctl *c, int argc, char **argv, enum ctl_cmd *cmd
         argc = take_json(c, argc - 2, argv + 2);
         if (argc > 1)
             return usage_error("policy get: unexpected argument \"%s\"", argv[3]);
-        *cmd = CMD_POLICY_GET;
-        *a1 = argc == 1 ? argv[2] : NULL;
+        a->cmd = CMD_POLICY_GET;
+        a->key = argc == 1 ? argv[2] : NULL;
         return -1;
     }
     if (strcmp(argv[1], "set") == 0) {
-        if (argc != 4)
-            return usage_error("policy set: KEY and VALUE expected");
-        *cmd = CMD_POLICY_SET;
-        *a1 = argv[2];
-        *a2 = argv[3];
+        if (argc < 4 || argc % 2 != 0)
+            return usage_error("policy set: KEY VALUE pairs expected");
+        a->cmd = CMD_POLICY_SET;
+        a->n = (size_t)(argc - 2) / 2;
+        a->keys = xcalloc(a->n, sizeof(*a->keys));
+        a->values = xcalloc(a->n, sizeof(*a->values));
+        for (size_t i = 0; i < a->n; i++) {
+            a->keys[i] = argv[2 + 2 * i];
+            a->values[i] = argv[3 + 2 * i];
+        }
         return -1;
     }
     if (strcmp(argv[1], "reset") == 0) {
-        if (argc > 3)
-            return usage_error("policy reset: unexpected argument \"%s\"", argv[3]);
-        *cmd = CMD_POLICY_RESET;
-        *a1 = argc == 3 ? argv[2] : NULL;
+        a->cmd = CMD_POLICY_RESET;
+        a->n = (size_t)(argc - 2);
+        a->keys = xcalloc(a->n ? a->n : 1, sizeof(*a->keys));
+        for (size_t i = 0; i < a->n; i++)
+            a->keys[i] = argv[2 + i];
         return -1;
     }
     return usage_error("policy: unknown subcommand \"%s\"", argv[1]);
@@ -140,8 +155,8 @@ int main(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     struct ctl c;
-    const char *path = NULL, *a1, *a2;
-    enum ctl_cmd cmd = CMD_QUEUE;
+    struct ctl_args a;
+    const char *path = NULL;
     char err[1024];
     int opt, rc;
 
@@ -163,7 +178,7 @@ int main(int argc, char **argv)
             return CTL_EXIT_USAGE;
         }
     }
-    rc = parse_command(&c, argc - optind, argv + optind, &cmd, &a1, &a2);
+    rc = parse_command(&c, argc - optind, argv + optind, &a);
     if (rc != -1)
         return rc;
 
@@ -174,18 +189,20 @@ int main(int argc, char **argv)
     }
     if (config_load(&c.cfg, path, err, sizeof(err)) != 0) {
         ctl_error("%s", err);
+        free(a.keys);
+        free(a.values);
         return CTL_EXIT_USAGE;
     }
 
-    switch (cmd) {
+    switch (a.cmd) {
     case CMD_POLICY_GET:
-        rc = ctl_policy_get(&c, a1);
+        rc = ctl_policy_get(&c, a.key);
         break;
     case CMD_POLICY_SET:
-        rc = ctl_policy_set(&c, a1, a2);
+        rc = ctl_policy_set(&c, a.n, a.keys, a.values);
         break;
     case CMD_POLICY_RESET:
-        rc = ctl_policy_reset(&c, a1);
+        rc = ctl_policy_reset(&c, a.n, a.keys);
         break;
     case CMD_QUEUE:
     default:
@@ -193,6 +210,8 @@ int main(int argc, char **argv)
         break;
     }
     ctl_close(&c);
+    free(a.keys);
+    free(a.values);
     if (fflush(stdout) != 0 && rc == CTL_EXIT_OK) {
         ctl_error("cannot write the output");
         rc = CTL_EXIT_RUNTIME;

@@ -1101,8 +1101,6 @@ static void test_wait_replica_ok(void **state)
         redisFree(rc);
     }
     redis_stop(pid);
-    v = redisCommand(c, "REPLICAOF NO ONE");
-    freeReplyObject(v);
     redisFree(c);
     {
         char path[160];
