@@ -42,6 +42,7 @@ struct gateway {
 
     int paused;
     int stopping;
+    struct gateway_metrics metrics;
     uv_timer_t grace;
     void (*done)(void *arg);
     void *done_arg;
@@ -52,6 +53,49 @@ static const char *const gateway_kind_names[] = {
     [GATEWAY_LISTEN_SUBMISSION] = "listen_submission",
     [GATEWAY_LISTEN_TLS] = "listen_tls",
 };
+
+static const char *const gateway_listener_labels[] = {
+    [GATEWAY_LISTEN_PLAIN] = "smtp",
+    [GATEWAY_LISTEN_SUBMISSION] = "submission",
+    [GATEWAY_LISTEN_TLS] = "submissions",
+};
+
+const char *gateway_listener_label(enum gateway_listener_kind kind)
+{
+    return gateway_listener_labels[kind];
+}
+
+/* Message sizes: 1 KiB to 64 MiB by powers of 4. */
+static const double gateway_bytes_buckets[] = {
+    1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+};
+/* Redis commit times: 0.5 ms to 10 s. */
+static const double gateway_enqueue_buckets[] = {
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+};
+
+static void gateway_metrics_register(struct gateway_metrics *m)
+{
+    struct metrics *reg = metrics_default();
+
+    m->connections = metrics_gauge(reg, "mailferry_smtp_connections",
+                                   "SMTP connections open, by listener kind.", "listener");
+    m->sessions = metrics_counter(reg, "mailferry_smtp_sessions_total",
+                                  "SMTP connections accepted, by listener kind.", "listener");
+    m->accepted = metrics_counter(reg, "mailferry_messages_accepted_total",
+                                  "Messages committed to the queue and answered with 250.", "");
+    m->rejected = metrics_counter(reg, "mailferry_messages_rejected_total",
+                                  "SMTP commands and messages refused, by the reason the log "
+                                  "line gives.", "reason");
+    m->bytes = metrics_histogram(reg, "mailferry_message_bytes",
+                                 "Size of accepted messages as queued, in bytes.", "",
+                                 gateway_bytes_buckets,
+                                 sizeof(gateway_bytes_buckets) / sizeof(double));
+    m->enqueue = metrics_histogram(reg, "mailferry_enqueue_seconds",
+                                   "Time from the end of data until Redis committed the "
+                                   "message.", "", gateway_enqueue_buckets,
+                                   sizeof(gateway_enqueue_buckets) / sizeof(double));
+}
 
 static int gateway_load(const struct mf_config *cfg, struct tls_ctx **tls, struct users **users,
                         char *err, size_t errlen)
@@ -126,6 +170,9 @@ static int gateway_listen(struct gateway *gw, const struct config_addr_list *add
             return -1;
         }
         log_info("event=listen listener=%s address=%s", gateway_kind_names[kind], l->text);
+        /* Exported as 0 from the start for the kinds that are open. */
+        metric_labels(gw->metrics.connections, gateway_listener_label(kind));
+        metric_labels(gw->metrics.sessions, gateway_listener_label(kind));
     }
     return 0;
 }
@@ -165,6 +212,7 @@ struct gateway *gateway_new(uv_loop_t *loop, const struct mf_config *cfg, struct
     gw->loop = loop;
     gw->cfg = cfg;
     gw->queue = q;
+    gateway_metrics_register(&gw->metrics);
     uv_timer_init(loop, &gw->grace);
     gw->grace.data = gw;
     if (gateway_load(cfg, &gw->tls, &gw->users, err, errlen) != 0 ||
@@ -292,6 +340,12 @@ struct users *gateway_users(const struct gateway *gw) { return gw->users; }
 int gateway_paused(const struct gateway *gw) { return gw->paused; }
 int gateway_stopping(const struct gateway *gw) { return gw->stopping; }
 uv_loop_t *gateway_loop(const struct gateway *gw) { return gw->loop; }
+const struct gateway_metrics *gateway_metrics(const struct gateway *gw) { return &gw->metrics; }
+
+size_t gateway_listening(const struct gateway *gw)
+{
+    return gw->stopping ? 0 : gw->listeners_open;
+}
 
 static unsigned gateway_ip_hash(const char *ip)
 {

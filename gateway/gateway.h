@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "lib/config.h"
+#include "lib/metrics.h"
 #include "lib/queue.h"
 #include "lib/tls.h"
 #include "gateway/users.h"
@@ -74,6 +75,26 @@ uv_loop_t *gateway_loop(const struct gateway *gw);
 
 #define GATEWAY_LIMIT_TOTAL (-1)
 #define GATEWAY_LIMIT_PER_IP (-2)
+
+/* The listener kind as the "listener" label of metrics and logs:
+ * "smtp", "submission" or "submissions". */
+const char *gateway_listener_label(enum gateway_listener_kind kind);
+
+/* Listeners open and accepting; 0 once gateway_shutdown() was called. For
+ * the readiness check. */
+size_t gateway_listening(const struct gateway *gw);
+
+/* The gateway's metric families in the default registry (lib/metrics.h,
+ * docs/metrics.md), registered by gateway_new(); for sessions. */
+struct gateway_metrics {
+    struct metric_family *connections;   /* gauge {listener} */
+    struct metric_family *sessions;      /* counter {listener} */
+    struct metric_family *accepted;      /* counter */
+    struct metric_family *rejected;      /* counter {reason} */
+    struct metric_family *bytes;         /* histogram: accepted message sizes */
+    struct metric_family *enqueue;       /* histogram: seconds until Redis committed */
+};
+const struct gateway_metrics *gateway_metrics(const struct gateway *gw);
 
 /* Connection limits: returns 0 and counts the connection, or
  * GATEWAY_LIMIT_TOTAL / GATEWAY_LIMIT_PER_IP. */

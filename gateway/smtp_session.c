@@ -70,6 +70,7 @@ struct smtp_tx {
     enum smtp_body body;
     struct smtp_data dec;
     struct buf msg;               /* decoded message */
+    uint64_t enqueued_ns;         /* uv_hrtime() at queue_enqueue() */
 };
 
 /* The password check handed to a worker thread. */
@@ -190,6 +191,7 @@ static void smtp_log_reject(struct smtp_session *s, const char *cmd, int code, c
 {
     log_info("session=%s event=reject ip=%s cmd=%s code=%d reason=%s", s->sid, s->ip,
              cmd, code, reason);
+    metric_inc(metric_labels(gateway_metrics(s->gw)->rejected, reason));
 }
 
 /*
@@ -963,10 +965,15 @@ static void smtp_on_queued(int status, const char *err, void *arg)
                  tx->nrcpts, tx->msg.len);
         smtp_reply(s, 250, "2.0.0", "Ok: queued as %s", tx->id);
         s->messages++;
+        metric_inc(metric_labels(gateway_metrics(s->gw)->accepted));
+        metric_observe(metric_labels(gateway_metrics(s->gw)->bytes), (double)tx->msg.len);
+        metric_observe(metric_labels(gateway_metrics(s->gw)->enqueue),
+                       (double)(uv_hrtime() - tx->enqueued_ns) / 1e9);
     } else {
         log_quote(eq, sizeof(eq), err ? err : "", err ? strlen(err) : 0);
         log_warn("session=%s event=reject id=%s cmd=DATA code=451 reason=queue_error error=%s",
                  s->sid, tx->id, eq);
+        metric_inc(metric_labels(gateway_metrics(s->gw)->rejected, "queue_error"));
         smtp_reply(s, 451, "4.3.0", "Temporary failure: queue unavailable, try again later");
     }
     smtp_tx_reset(s);
@@ -1019,6 +1026,7 @@ static void smtp_end_of_data(struct smtp_session *s)
     m.msg_class = cls;
     smtp_enter_state(s, SMTP_S_QUEUEING);
     s->inflight++;
+    tx->enqueued_ns = uv_hrtime();
     queue_enqueue(gateway_queue(s->gw), tx->id, &m, smtp_on_queued, s);
 }
 
@@ -1168,6 +1176,8 @@ static void smtp_maybe_free(struct smtp_session *s)
 {
     if (!s->conn_closed || s->timer_open || s->inflight > 0)
         return;
+    metric_dec(metric_labels(gateway_metrics(s->gw)->connections,
+                             gateway_listener_label(s->kind)));
     gateway_session_gone(s->gw, s);
     smtp_tx_free(s->tx);
     buf_free(&s->in);
@@ -1239,6 +1249,8 @@ struct smtp_session *smtp_session_accept(struct gateway *gw, uv_stream_t *server
     s->timer_open = 1;
     s->started = uv_now(gateway_loop(gw));
     gateway_session_add(gw, s);
+    metric_inc(metric_labels(gateway_metrics(gw)->connections, gateway_listener_label(kind)));
+    metric_inc(metric_labels(gateway_metrics(gw)->sessions, gateway_listener_label(kind)));
 
     log_info("session=%s event=connect ip=%s listener=%s", s->sid, s->ip, smtp_kind_names[kind]);
     rc = gateway_admit(gw, s->ip);

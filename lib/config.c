@@ -77,6 +77,9 @@ static int check_listen(struct mf_config *, const struct cfg_row *, char *, size
 static int check_hostname(struct mf_config *, const struct cfg_row *, char *, size_t);
 static int check_retry(struct mf_config *, const struct cfg_row *, char *, size_t);
 static int check_networks(struct mf_config *, const struct cfg_row *, char *, size_t);
+static int check_header_list(struct mf_config *, const struct cfg_row *, char *, size_t);
+static int check_ip_list(struct mf_config *, const struct cfg_row *, char *, size_t);
+static int check_domain(struct mf_config *, const struct cfg_row *, char *, size_t);
 
 static const struct cfg_choice bare_newline_choices[] = {
     {"reject", CONFIG_BARE_REJECT},
@@ -93,6 +96,8 @@ static const struct cfg_choice bare_newline_choices[] = {
     {{sec, name, "size", def, min, max}, CFG_SIZE, F(field), NULL, NULL, 0}
 #define ENUM(sec, name, def, choices, field) \
     {{sec, name, "enum", def, 0, 0}, CFG_ENUM, F(field), choices, NULL, 0}
+#define BOOL(sec, name, def, field) \
+    {{sec, name, "bool", def, 0, 0}, CFG_BOOL, F(field), NULL, NULL, 0}
 
 /*
  * Every key mailferry reads. conf/mailferry.conf documents each row with
@@ -149,6 +154,25 @@ static const struct cfg_row cfg_rows[] = {
     INT("router", "hold_retry", "60", 1, 86400, router.hold_retry),
     INT("router", "events_maxlen", "100000", 100, 100000000, router.events_maxlen),
     INT("router", "policy_refresh", "1000", 100, 60000, router.policy_refresh),
+
+    STR("admin", "listen", NULL, admin.listen, check_listen, 0),
+
+    BOOL("dkim", "enabled", "yes", dkim.enabled),
+    STR("dkim", "keys_dir", NULL, dkim.keys_dir, NULL, 0),
+    STR("dkim", "key_table", NULL, dkim.key_table, NULL, 0),
+    STR("dkim", "sign_headers",
+        "From,Sender,Reply-To,Subject,Date,Message-ID,To,Cc,In-Reply-To,References,"
+        "MIME-Version,Content-Type,Content-Transfer-Encoding,List-Id,List-Unsubscribe,"
+        "List-Unsubscribe-Post", dkim.sign_headers, check_header_list, 0),
+    STR("dkim", "oversign_headers", "From,Reply-To,Subject,Date,To,Cc", dkim.oversign_headers,
+        check_header_list, 0),
+
+    STR("dns", "resolver", NULL, dns.resolver, NULL, 0),
+    INT("dns", "timeout", "5000", 100, 60000, dns.timeout),
+    STR("dns", "relay_ip", NULL, dns.relay_ip, check_ip_list, 0),
+    STR("dns", "relay_hostname", NULL, dns.relay_hostname, check_domain, 0),
+    STR("dns", "dnsbl_zones", "zen.spamhaus.org,bl.spamcop.net", dns.dnsbl_zones, NULL, 0),
+    STR("dns", "spf_includes", NULL, dns.spf_includes, NULL, 0),
 };
 
 #undef F
@@ -156,6 +180,7 @@ static const struct cfg_row cfg_rows[] = {
 #undef INT
 #undef SIZE
 #undef ENUM
+#undef BOOL
 
 #define CFG_NROWS (sizeof(cfg_rows) / sizeof(cfg_rows[0]))
 
@@ -735,7 +760,7 @@ static void check_section_line(struct cfg_ctx *c, const char *s)
         cfg_error(c, 0, c->lineno, NULL, NULL, NULL, NULL, 0, "empty section name");
         return;
     }
-    if (strpbrk(name, " \t") == NULL && !known_section(name))
+    if (strpbrk(name, " \t") == NULL && strcmp(name, "policy") != 0 && !known_section(name))
         cfg_error(c, 0, c->lineno, NULL, name, NULL, NULL, 0, "unknown section");
 }
 
@@ -1082,7 +1107,9 @@ static int check_listen(struct mf_config *cfg, const struct cfg_row *r, char *wh
     const char *s = *(char **)field_ptr(cfg, r);
     struct config_addr_list *out;
 
-    if (r->off == offsetof(struct mf_config, gateway.listen))
+    if (r->off == offsetof(struct mf_config, admin.listen))
+        out = &cfg->admin.listen_addrs;
+    else if (r->off == offsetof(struct mf_config, gateway.listen))
         out = &cfg->gateway.listen_addrs;
     else if (r->off == offsetof(struct mf_config, gateway.listen_submission))
         out = &cfg->gateway.submission_addrs;
@@ -1197,6 +1224,78 @@ static int check_networks(struct mf_config *cfg, const struct cfg_row *r, char *
     const char *s = *(char **)field_ptr(cfg, r);
 
     return cidr_list_parse(s ? s : "", &cfg->gateway.allowed, why, n);
+}
+
+/* [dkim] sign_headers, oversign_headers: a comma list of header field
+ * names (RFC 5322 section 3.6.8: printable ASCII but ':'). RFC 6376
+ * section 5.4 says From MUST be signed, so sign_headers must list it. */
+static int check_header_list(struct mf_config *cfg, const struct cfg_row *r, char *why, size_t n)
+{
+    const char *p = *(char **)field_ptr(cfg, r);
+    int from = 0;
+
+    while (p && *p) {
+        size_t len;
+
+        p += strspn(p, ", \t");
+        len = strcspn(p, ", \t");
+        if (len == 0)
+            break;
+        for (size_t i = 0; i < len; i++) {
+            if (p[i] < 0x21 || p[i] > 0x7e || p[i] == ':') {
+                snprintf(why, n, "must be a comma list of header field names");
+                return -1;
+            }
+        }
+        from |= len == 4 && strncasecmp(p, "From", 4) == 0;
+        p += len;
+    }
+    if (r->off == offsetof(struct mf_config, dkim.sign_headers) && !from) {
+        snprintf(why, n, "must list From (RFC 6376 section 5.4)");
+        return -1;
+    }
+    return 0;
+}
+
+/* An optional domain name: unset, or valid_domain(). */
+static int check_domain(struct mf_config *cfg, const struct cfg_row *r, char *why, size_t n)
+{
+    const char *s = *(char **)field_ptr(cfg, r);
+
+    if (s != NULL && !valid_domain(s)) {
+        snprintf(why, n, "must be a domain name (letters, digits, hyphens and dots)");
+        return -1;
+    }
+    return 0;
+}
+
+/* [dns] relay_ip: a comma list of IPv4 and IPv6 addresses. */
+static int check_ip_list(struct mf_config *cfg, const struct cfg_row *r, char *why, size_t n)
+{
+    const char *p = *(char **)field_ptr(cfg, r);
+    unsigned char a[16];
+    char ip[INET6_ADDRSTRLEN + 1];
+
+    while (p && *p) {
+        size_t len;
+
+        p += strspn(p, ", \t");
+        len = strcspn(p, ", \t");
+        if (len == 0)
+            break;
+        if (len >= sizeof(ip)) {
+            snprintf(why, n, "must be a comma list of IP addresses");
+            return -1;
+        }
+        memcpy(ip, p, len);
+        ip[len] = '\0';
+        if (inet_pton(AF_INET, ip, a) != 1 && inet_pton(AF_INET6, ip, a) != 1) {
+            snprintf(why, n, "\"%s\" is not an IP address", ip);
+            return -1;
+        }
+        p += len;
+    }
+    return 0;
 }
 
 /* Same address and port, as bind() would see them. */
@@ -1320,6 +1419,7 @@ void config_free(struct mf_config *cfg)
     free(cfg->gateway.listen_addrs.v);
     free(cfg->gateway.submission_addrs.v);
     free(cfg->gateway.tls_addrs.v);
+    free(cfg->admin.listen_addrs.v);
     cidr_list_free(&cfg->gateway.allowed);
     for (size_t i = 0; i < cfg->nnamed; i++) {
         free(cfg->named[i].kind);

@@ -111,6 +111,30 @@ struct mf_config {
         int policy_refresh;           /* ms between reads of <prefix>policy */
     } router;
 
+    struct {
+        char *listen;                 /* HTTP metrics/health endpoint; NULL: none */
+        struct config_addr_list listen_addrs;
+    } admin;
+
+    /* DKIM signing in the gateway (gateway/dkim.h, docs/dkim.md). */
+    struct {
+        int enabled;
+        char *keys_dir;               /* <domain>.<selector>.<rsa|ed25519>.key files */
+        char *key_table;              /* "domain selector rsa|ed25519 path" lines */
+        char *sign_headers;           /* comma list of header fields to sign */
+        char *oversign_headers;       /* signed once more than present */
+    } dkim;
+
+    /* DNS lookups and "mailferryctl dns check" (lib/dns.h, docs/dkim.md). */
+    struct {
+        char *resolver;               /* "ip[:port],..."; NULL: /etc/resolv.conf */
+        int timeout;                  /* ms per try */
+        char *relay_ip;               /* the relay's public address(es) */
+        char *relay_hostname;         /* the name its PTR must point to */
+        char *dnsbl_zones;            /* comma list of DNSBL zones */
+        char *spf_includes;           /* comma list of SPF include: domains */
+    } dns;
+
     struct config_named *named;
     size_t nnamed;
 };

@@ -236,21 +236,17 @@ static void queue_on_exec(struct redis *r, const redisReply *reply, const char *
     struct queue_req *req = arg;
 
     (void)r;
-    if (reply == NULL && req->local_status != 0) {
-        /* The empty command issued for a local failure (queue_enqueue());
-         * redis.c's own reasons (closed, not connected) come first. */
-        if (strcmp(err, "redis: cannot format command") == 0) {
+    if (reply == NULL) {
+        req->exec = QR_FAILED;
+        if (req->local_status != 0 && strcmp(err, "redis: cannot format command") == 0) {
+            /* The empty command of a local failure (queue_enqueue()); the
+             * reasons of redis.c (closed, not connected) come first. */
             req->exec_status = req->local_status;
             snprintf(req->exec_err, sizeof(req->exec_err), "queue: recipient is not valid UTF-8");
         } else {
             req->exec_status = queue_status_of(req, err);
             snprintf(req->exec_err, sizeof(req->exec_err), "%s", err);
         }
-        req->exec = QR_FAILED;
-    } else if (reply == NULL) {
-        req->exec = QR_FAILED;
-        req->exec_status = queue_status_of(req, err);
-        snprintf(req->exec_err, sizeof(req->exec_err), "%s", err);
     } else if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
                reply->element[0]->type == REDIS_REPLY_INTEGER &&
                reply->element[1]->type == REDIS_REPLY_STRING) {
@@ -424,9 +420,6 @@ void queue_enqueue(struct queue *q, const char *id, const struct queue_msg *m,
     req->arg = arg;
     req->started = uv_hrtime();
     snprintf(req->id, sizeof(req->id), "%s", id);
-    req->refs = 1;
-    if (q->cfg->queue.wait_replicas > 0)
-        req->refs = 2;
 
     rcpts = queue_rcpts_json(m);
     if (rcpts == NULL) {
@@ -470,6 +463,9 @@ void queue_enqueue(struct queue *q, const char *id, const struct queue_msg *m,
             hset_l[i] = strlen(hset[i]);
     }
 
+    /* Both requests are pipelined on the connection; WAIT then covers the
+     * transaction's writes. */
+    req->refs = q->cfg->queue.wait_replicas > 0 ? 2 : 1;
     redis_multi(q->r, queue_on_exec, req, 2, argcs, argvs, lenss);
     if (q->cfg->queue.wait_replicas > 0) {
         snprintf(wn, sizeof(wn), "%d", q->cfg->queue.wait_replicas);

@@ -6,7 +6,6 @@
 #include <string.h>
 #include <sys/time.h>
 
-#include "lib/buf.h"
 #include "lib/log.h"
 #include "lib/queue.h"
 #include "lib/xmalloc.h"

@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "lib/config.h"
+#include "lib/metrics.h"
 #include "router/policy.h"
 #include "router/store.h"
 #include "transports/transport.h"
@@ -50,6 +51,18 @@ void router_shutdown(struct router *r, void (*done)(void *arg), void *arg);
 struct store *router_store(struct router *r);
 const struct mf_config *router_config(struct router *r);
 uv_loop_t *router_loop(struct router *r);
+
+/* The router's metric families in the default registry (lib/metrics.h,
+ * docs/metrics.md), registered by router_new(); for jobs. */
+struct router_metrics {
+    struct metric_family *decisions;         /* counter {route, reason} */
+    struct metric_family *deliveries;        /* counter {route, result, class} */
+    struct metric_family *delivery_seconds;  /* histogram {route} */
+    struct metric_family *breaker;           /* gauge {route} */
+    struct metric_family *healthy;           /* gauge {route} */
+    struct metric_family *queue;             /* gauge {state} */
+};
+const struct router_metrics *router_metrics(struct router *r);
 
 /* The routing decision for one group, after the cap reservation. */
 struct router_choice {

@@ -31,7 +31,7 @@ struct store {
     struct redis *rd;            /* XREADGROUP ... BLOCK */
     char consumer[128];
     char claim_cursor[48];
-    struct redis_script reserve, promote, cas;
+    struct redis_script reserve, promote, cas, depth;
     int closing;
     int open_conns;
     void (*closed)(void *arg);
@@ -69,6 +69,31 @@ static const char store_lua_promote[] =
     "  redis.call('ZREM', KEYS[1], id)\n"
     "end\n"
     "return #ids\n";
+
+/*
+ * Queue depth, read in one step. KEYS: ready, retry, dead. ARGV: group,
+ * fallback cap. Ready is the group's lag (entries no router has read);
+ * where Redis cannot compute it (deletions inside the stream) the entries
+ * after last-delivered-id are counted, at most the cap. Without the group
+ * every entry waits. Returns {ready, in flight, retry, dead}.
+ */
+static const char store_lua_depth[] =
+    "local ready, pending = 0, 0\n"
+    "local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])\n"
+    "if type(groups) == 'table' and groups.err == nil then\n"
+    "  ready = redis.call('XLEN', KEYS[1])\n"
+    "  for _, g in ipairs(groups) do\n"
+    "    local f = {}\n"
+    "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
+    "    if f['name'] == ARGV[1] then\n"
+    "      pending = f['pending']\n"
+    "      if type(f['lag']) == 'number' then ready = f['lag']\n"
+    "      else ready = #redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+',\n"
+    "                               'COUNT', tonumber(ARGV[2])) end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return {ready, pending, redis.call('ZCARD', KEYS[2]), redis.call('XLEN', KEYS[3])}\n";
 
 /* Compare and set. KEYS: key. ARGV: expected ("" = absent), new. */
 static const char store_lua_cas[] =
@@ -288,6 +313,7 @@ struct store *store_new(uv_loop_t *loop, const struct mf_config *cfg)
     redis_script_init(&s->reserve, store_lua_reserve);
     redis_script_init(&s->promote, store_lua_promote);
     redis_script_init(&s->cas, store_lua_cas);
+    redis_script_init(&s->depth, store_lua_depth);
 
     memset(&o, 0, sizeof(o));
     o.url = &cfg->queue.url;
@@ -508,6 +534,48 @@ void store_promote(struct store *s, int64_t now_ms)
     redis_eval(s->cmd, &s->promote, store_on_promoted, NULL, 2, 4, argv, lens);
     free(keys[0]);
     free(keys[1]);
+}
+
+struct store_depth_req {
+    store_depth_cb cb;
+    void *arg;
+};
+
+static void store_on_depth(struct redis *r, const redisReply *reply, const char *err, void *arg)
+{
+    struct store_depth_req *q = arg;
+    struct store_depth d;
+
+    memset(&d, 0, sizeof(d));
+    if (reply == NULL || redis_reply_error(reply) || reply->type != REDIS_REPLY_ARRAY ||
+        reply->elements != 4) {
+        log_debug("event=redis_command_failed what=depth reason=\"%s\"",
+                  reply ? (redis_reply_error(reply) ? redis_reply_error(reply) : "bad reply")
+                        : err);
+        q->cb(&d, -1, q->arg);
+        free(q);
+        return;
+    }
+    d.ready = store_reply_int(reply->element[0]);
+    d.inflight = store_reply_int(reply->element[1]);
+    d.retry = store_reply_int(reply->element[2]);
+    d.dead = store_reply_int(reply->element[3]);
+    q->cb(&d, 0, q->arg);
+    free(q);
+}
+
+void store_depth(struct store *s, store_depth_cb cb, void *arg)
+{
+    struct store_depth_req *q = xcalloc(1, sizeof(*q));
+    char *keys[3] = {store_key(s, SCHEMA_READY), store_key(s, SCHEMA_RETRY),
+                     store_key(s, SCHEMA_DEAD)};
+    const char *argv[5] = {keys[0], keys[1], keys[2], SCHEMA_GROUP, "10000"};
+
+    q->cb = cb;
+    q->arg = arg;
+    redis_eval(s->cmd, &s->depth, store_on_depth, q, 3, 5, argv, NULL);
+    for (int i = 0; i < 3; i++)
+        free(keys[i]);
 }
 
 void store_ack(struct store *s, const char *stream_id)

@@ -97,6 +97,21 @@ typedef void (*store_msg_cb)(struct store_msg *m, int status, const char *err, v
  * (deleted); the callee owns m and frees it with store_msg_free(). */
 void store_load(struct store *s, const char *id, store_msg_cb cb, void *arg);
 
+/*
+ * Queue depth, for metrics, read atomically: ready counts entries of
+ * <prefix>ready that no router has read yet (the consumer group's lag),
+ * inflight entries read and not acknowledged, retry the members of
+ * <prefix>retry, dead the entries of <prefix>dead. All zero with status
+ * -1 on a Redis failure.
+ */
+struct store_depth {
+    long long ready, inflight, retry, dead;
+};
+
+typedef void (*store_depth_cb)(const struct store_depth *d, int status, void *arg);
+
+void store_depth(struct store *s, store_depth_cb cb, void *arg);
+
 /* ---- policy inputs ---- */
 
 typedef void (*store_reserve_cb)(int ok, const struct policy_counts *route,

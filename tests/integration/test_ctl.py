@@ -230,6 +230,22 @@ def test_set_several_keys_together(env):
     assert "more than once" in res.err
 
 
+def test_concurrent_sets_all_land(env):
+    # Each set is a WATCH/MULTI/EXEC transaction retried on conflict, so
+    # concurrent operators do not lose each other's changes.
+    import subprocess
+    from ctl_helpers import MAILFERRYCTL_BIN, ctl_env
+    procs = [subprocess.Popen([MAILFERRYCTL_BIN, "--config", str(env.config), "policy", "set",
+                               "pin.rcpt.d%d.example" % i, "api" if i % 2 else "relay"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ctl_env())
+             for i in range(12)]
+    for p in procs:
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+    assert env.policy_hash() == {"pin.rcpt.d%d.example" % i: "api" if i % 2 else "relay"
+                                 for i in range(12)}
+
+
 def test_set_replaces_a_field_spelled_differently(env):
     env.r("HSET", env.key("policy"), "Route.Relay.Cap_Minute", "7")
     rows = parse_table(env.ctl("policy", "get").out)
