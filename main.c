@@ -6,6 +6,11 @@
  *
  * Signals: SIGTERM/SIGINT stop gracefully (exit 0), SIGHUP reloads TLS
  * certificates and the users file.
+ *
+ * With [admin] listen set, the process serves the metrics of the roles it
+ * runs and its health on one HTTP endpoint (lib/admin.h): /readyz passes
+ * while each role's Redis connection is up, the gateway's listeners are
+ * open and no shutdown has begun.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -14,8 +19,10 @@
 #include <uv.h>
 
 #include "gateway/gateway.h"
+#include "lib/admin.h"
 #include "lib/config.h"
 #include "lib/log.h"
+#include "lib/metrics.h"
 #include "lib/queue.h"
 #include "router/router.h"
 
@@ -25,6 +32,7 @@ struct mf_main {
     struct queue *queue;
     struct gateway *gateway;
     struct router *router;
+    struct admin *admin;
     uv_signal_t sigterm, sigint, sighup;
     int stopping;
     int parts;                /* roles still running */
@@ -61,8 +69,72 @@ static void main_close_signals(struct mf_main *m)
 
 static void main_part_done(struct mf_main *m)
 {
-    if (--m->parts == 0)
-        main_close_signals(m);
+    if (--m->parts > 0)
+        return;
+    main_close_signals(m);
+    if (m->admin)
+        admin_close(m->admin, NULL, NULL);
+    m->admin = NULL;
+}
+
+/* ---- readiness checks (GET /readyz) ---- */
+
+static int main_check_running(void *arg, char *why, size_t n)
+{
+    const struct mf_main *m = arg;
+
+    if (!m->stopping)
+        return 1;
+    snprintf(why, n, "shutting down");
+    return 0;
+}
+
+static int main_check_gateway_redis(void *arg, char *why, size_t n)
+{
+    const struct mf_main *m = arg;
+
+    if (m->queue && queue_ready(m->queue))
+        return 1;
+    snprintf(why, n, "not connected to %s:%d", m->cfg.queue.url.host, m->cfg.queue.url.port);
+    return 0;
+}
+
+static int main_check_gateway_listeners(void *arg, char *why, size_t n)
+{
+    const struct mf_main *m = arg;
+
+    if (m->gateway && gateway_listening(m->gateway) > 0)
+        return 1;
+    snprintf(why, n, "no SMTP listener open");
+    return 0;
+}
+
+static int main_check_router_redis(void *arg, char *why, size_t n)
+{
+    const struct mf_main *m = arg;
+
+    if (m->router && store_ready(router_store(m->router)))
+        return 1;
+    snprintf(why, n, "not connected to %s:%d", m->cfg.queue.url.host, m->cfg.queue.url.port);
+    return 0;
+}
+
+/* Starts the admin endpoint when [admin] listen is set. */
+static int main_start_admin(struct mf_main *m, char *err, size_t errlen)
+{
+    if (m->cfg.admin.listen_addrs.n == 0)
+        return 0;
+    m->admin = admin_new(m->loop, &m->cfg.admin.listen_addrs, metrics_default(), err, errlen);
+    if (m->admin == NULL)
+        return -1;
+    admin_add_check(m->admin, "shutdown", main_check_running, m);
+    if (m->gateway) {
+        admin_add_check(m->admin, "gateway_redis", main_check_gateway_redis, m);
+        admin_add_check(m->admin, "gateway_listeners", main_check_gateway_listeners, m);
+    }
+    if (m->router)
+        admin_add_check(m->admin, "router_redis", main_check_router_redis, m);
+    return 0;
 }
 
 static void main_queue_closed(void *arg)
@@ -131,6 +203,10 @@ static int main_run(struct mf_main *m, int gateway, int router, const char *role
         }
         m->parts++;
     }
+    if (main_start_admin(m, err, sizeof(err)) != 0) {
+        fprintf(stderr, "mailferry: %s\n", err);
+        return 1;
+    }
     uv_signal_init(m->loop, &m->sigterm);
     uv_signal_init(m->loop, &m->sigint);
     uv_signal_init(m->loop, &m->sighup);
@@ -145,6 +221,7 @@ static int main_run(struct mf_main *m, int gateway, int router, const char *role
     uv_walk(m->loop, main_close_walk, NULL);
     uv_run(m->loop, UV_RUN_DEFAULT);
     uv_loop_close(m->loop);
+    metrics_default_free();
     log_info("event=exit role=%s", role);
     return 0;
 }

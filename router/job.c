@@ -138,6 +138,8 @@ static void job_on_sent(const struct transport_result *res, void *arg)
     struct job_group *g = arg;
     struct job *j = g->job;
     int64_t now = job_now();
+    const struct router_metrics *mx = router_metrics(j->r);
+    const char *cls = j->m->cls && j->m->cls[0] ? j->m->cls : "none";
 
     for (size_t k = 0; k < g->n; k++) {
         struct store_rcpt *r = &j->m->rcpts[g->idx[k]];
@@ -173,7 +175,11 @@ static void job_on_sent(const struct transport_result *res, void *arg)
                  g->choice.route_name, g->choice.reason, job_result_names[r->state], r->code,
                  r->enh[0] ? r->enh : "-", res->remote[0] ? res->remote : "-",
                  now - g->started, log_quote(q, sizeof(q), r->text, strlen(r->text)));
+        metric_inc(metric_labels(mx->deliveries, g->choice.route_name,
+                                 job_result_names[r->state], cls));
     }
+    metric_observe(metric_labels(mx->delivery_seconds, g->choice.route_name),
+                   (double)(now - g->started) / 1000.0);
     router_outcome(j->r, &g->choice, g->domain, res);
     job_record(g);
 }

@@ -14,6 +14,7 @@
 
 #define ROUTER_RETRY_READ_MS 500
 #define ROUTER_PROMOTE_MS 500
+#define ROUTER_DEPTH_MS 2000      /* queue depth gauges refresh */
 
 /* One route's transport and the health this router last saw. */
 struct router_route {
@@ -43,7 +44,9 @@ struct router {
     int read_own_done;
     int claiming;
     int snapshotting;
-    uv_timer_t t_read, t_claim, t_promote, t_snapshot, t_touch;
+    int depth_reading;
+    struct router_metrics metrics;
+    uv_timer_t t_read, t_claim, t_promote, t_snapshot, t_touch, t_depth;
     int timers_open;
 
     int closing;
@@ -54,6 +57,7 @@ struct router {
 
 static void router_read(struct router *r);
 static void router_maybe_closed(struct router *r);
+static void router_metrics_routes(struct router *r);
 static void router_on_read_timer(uv_timer_t *t);
 
 static int64_t router_now(void)
@@ -66,6 +70,87 @@ static int64_t router_now(void)
 struct store *router_store(struct router *r) { return r->store; }
 const struct mf_config *router_config(struct router *r) { return r->cfg; }
 uv_loop_t *router_loop(struct router *r) { return r->loop; }
+const struct router_metrics *router_metrics(struct router *r) { return &r->metrics; }
+
+/* ---- metrics ------------------------------------------------------------------ */
+
+/* Delivery transactions: 10 ms to 5 minutes. */
+static const double router_delivery_buckets[] = {
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+};
+
+static void router_metrics_register(struct router_metrics *m)
+{
+    struct metrics *reg = metrics_default();
+
+    m->decisions = metrics_counter(reg, "mailferry_routing_decisions_total",
+                                   "Routing decisions for a destination domain's recipients of "
+                                   "a message, by route (\"hold\" when held) and reason.",
+                                   "route,reason");
+    m->deliveries = metrics_counter(reg, "mailferry_deliveries_total",
+                                    "Recipients' delivery attempt outcomes, by route, result "
+                                    "(delivered, deferred, failed) and message class.",
+                                    "route,result,class");
+    m->delivery_seconds = metrics_histogram(reg, "mailferry_delivery_seconds",
+                                            "Duration of one delivery transaction through a "
+                                            "route's transport.", "route",
+                                            router_delivery_buckets,
+                                            sizeof(router_delivery_buckets) / sizeof(double));
+    m->breaker = metrics_gauge(reg, "mailferry_breaker_state",
+                               "Route-wide circuit breaker: 0 closed, 1 half open, 2 open.",
+                               "route");
+    m->healthy = metrics_gauge(reg, "mailferry_route_healthy",
+                               "Whether the route's transport reports itself healthy (1) or "
+                               "not (0).", "route");
+    m->queue = metrics_gauge(reg, "mailferry_queue_messages",
+                             "Messages in the shared queue by state (ready, inflight, retry, "
+                             "dead), as this router last read them from Redis.", "state");
+}
+
+/* Breaker and health gauges of every route, from the last snapshot and
+ * the health this router saw. */
+static void router_metrics_routes(struct router *r)
+{
+    if (!r->have_snapshot)
+        return;
+    for (size_t i = 0; i < r->nroutes && i < policy_route_count(r->live); i++) {
+        struct policy_route_info info;
+        enum policy_breaker_state st = r->snap[i].breaker.state;
+
+        policy_route_info(r->live, i, &info);
+        metric_set(metric_labels(r->metrics.breaker, info.name),
+                   st == POLICY_BREAKER_OPEN ? 2 : st == POLICY_BREAKER_HALF_OPEN ? 1 : 0);
+        metric_set(metric_labels(r->metrics.healthy, info.name),
+                   r->routes[i].healthy && !r->routes[i].closed);
+    }
+}
+
+static void router_on_depth(const struct store_depth *d, int status, void *arg)
+{
+    struct router *r = arg;
+
+    r->depth_reading = 0;
+    if (r->closing) {
+        router_maybe_closed(r);
+        return;
+    }
+    if (status != 0)
+        return;
+    metric_set(metric_labels(r->metrics.queue, "ready"), (double)d->ready);
+    metric_set(metric_labels(r->metrics.queue, "inflight"), (double)d->inflight);
+    metric_set(metric_labels(r->metrics.queue, "retry"), (double)d->retry);
+    metric_set(metric_labels(r->metrics.queue, "dead"), (double)d->dead);
+}
+
+static void router_on_depth_timer(uv_timer_t *t)
+{
+    struct router *r = t->data;
+
+    if (r->closing || r->depth_reading || !store_ready(r->store))
+        return;
+    r->depth_reading = 1;
+    store_depth(r->store, router_on_depth, r);
+}
 
 /* ---- configuration ---------------------------------------------------------- */
 
@@ -356,6 +441,7 @@ static void router_breaker_step(struct router *r, size_t i, const char *domain,
     if (domain == NULL && i < r->nroutes) {
         r->snap[i].breaker = next;
         snprintf(r->snap[i].breaker_raw, sizeof(r->snap[i].breaker_raw), "%s", raw);
+        router_metrics_routes(r);
     }
 }
 
@@ -398,6 +484,7 @@ static void router_update_health(struct router *r)
         snprintf(rt->why, sizeof(rt->why), "%s", why);
         store_health(r->store, info.name, h, why, now);
     }
+    router_metrics_routes(r);
 }
 
 static void router_on_snapshot(struct store_snapshot *sn, int status, void *arg)
@@ -533,6 +620,8 @@ static void router_on_reserve(int ok, const struct policy_counts *rc,
     }
     if (ok) {
         router_choice_fill(q, &c);
+        metric_inc(metric_labels(q->r->metrics.decisions, c.route_name,
+                                 policy_reason_name(q->d.reason)));
         q->cb(&c, 0, q->arg);
         router_choose_free(q);
         return;
@@ -570,6 +659,8 @@ static void router_decide(struct router_choose_req *q)
     }
     if (q->d.route == POLICY_HOLD) {
         router_choice_fill(q, &c);
+        metric_inc(metric_labels(r->metrics.decisions, c.route_name,
+                                 policy_reason_name(q->d.reason)));
         q->cb(&c, 0, q->arg);
         router_choose_free(q);
         return;
@@ -761,6 +852,7 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
     }
     policy_load_keys_free(kv, r->nroutes);
     r->live = policy_config_clone(r->base);
+    router_metrics_register(&r->metrics);
     r->store = store_new(loop, cfg);
     r->bounces = queue_new(loop, cfg);
 
@@ -769,6 +861,7 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
     router_timer_init(r, &r->t_promote);
     router_timer_init(r, &r->t_snapshot);
     router_timer_init(r, &r->t_touch);
+    router_timer_init(r, &r->t_depth);
     claim_ms = (uint64_t)cfg->router.claim_idle * 1000 / 4;
     if (claim_ms < 250)
         claim_ms = 250;
@@ -781,6 +874,7 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
     uv_timer_start(&r->t_claim, router_on_claim_timer, claim_ms, claim_ms);
     uv_timer_start(&r->t_promote, router_on_promote_timer, ROUTER_PROMOTE_MS, ROUTER_PROMOTE_MS);
     uv_timer_start(&r->t_touch, router_on_touch_timer, touch_ms, touch_ms);
+    uv_timer_start(&r->t_depth, router_on_depth_timer, 250, ROUTER_DEPTH_MS);
     uv_timer_start(&r->t_read, router_on_read_timer, 50, 0);
     log_info("event=router_start consumer=%s routes=%zu concurrency=%d claim_idle=%d",
              cfg->router.consumer ? cfg->router.consumer : "(default)", r->nroutes,
@@ -832,7 +926,8 @@ static void router_transport_closed(void *arg)
 static void router_maybe_closed(struct router *r)
 {
     if (!r->closing || r->njobs > 0 || r->transports_open > 0 || r->timers_open > 0 ||
-        r->reading || r->claiming || r->snapshotting || r->bounces == NULL)
+        r->reading || r->claiming || r->snapshotting || r->depth_reading ||
+        r->bounces == NULL)
         return;
     struct queue *q = r->bounces;
     r->bounces = NULL;
@@ -841,7 +936,8 @@ static void router_maybe_closed(struct router *r)
 
 void router_shutdown(struct router *r, void (*done)(void *arg), void *arg)
 {
-    uv_timer_t *timers[] = {&r->t_read, &r->t_claim, &r->t_promote, &r->t_snapshot, &r->t_touch};
+    uv_timer_t *timers[] = {&r->t_read, &r->t_claim, &r->t_promote, &r->t_snapshot, &r->t_touch,
+                            &r->t_depth};
 
     if (r->closing)
         return;
