@@ -24,6 +24,8 @@
 #define CTL_EXIT_OK 0
 #define CTL_EXIT_RUNTIME 1        /* Redis unreachable or failing */
 #define CTL_EXIT_USAGE 2          /* bad arguments, bad configuration, rejected value */
+#define CTL_EXIT_NOT_FOUND 1      /* no such message or route state: the
+                                     runtime status, with its own message */
 
 /* Seconds allowed for the TCP connection to Redis. */
 #define CTL_CONNECT_TIMEOUT_S 2
@@ -87,6 +89,73 @@ void ctl_json_set(json_t *o, const char *key, json_t *v);
 /* Parses a decimal integer reply (an INTEGER, or a STRING of digits such
  * as HGET answers). Returns 0, or -1 for NIL, other types and bad text. */
 int ctl_reply_int(const redisReply *r, long long *out);
+
+/* The value after the STRING element name in a flat [name, value, ...]
+ * array (HGETALL, XINFO, the fields of a stream entry), or NULL. */
+const redisReply *ctl_reply_field(const redisReply *r, const char *name);
+
+/* Reads Redis' clock (TIME) in ms since the epoch: every mailferryctl
+ * command measures ages and due times against the clock the routers'
+ * stream ids come from. Returns 0 or CTL_EXIT_RUNTIME (printed). */
+int ctl_redis_time(struct ctl *c, int64_t *now_ms);
+
+/*
+ * Pipelining: ctl_redis_append() queues a command without waiting for its
+ * reply (returns 0, or -1 after printing the failure); ctl_redis_reply()
+ * then returns the replies in order, like ctl_redis_cmd() (NULL when the
+ * connection failed). Every appended command must have its reply read
+ * before the next ctl_redis_cmd().
+ */
+int ctl_redis_append(struct ctl *c, size_t argc, const char **argv);
+redisReply *ctl_redis_reply(struct ctl *c);
+
+/* ---- transactions ---------------------------------------------------------
+ * ctl_multi_begin() sends MULTI; ctl_multi_queue() checks the reply of a
+ * command sent inside it (it must be QUEUED) and frees it, returning 0 or
+ * -1 (printed; a NULL reply is a lost connection); ctl_multi_end() sends
+ * DISCARD when queued (the combined status of ctl_multi_queue(), 0 or -1)
+ * failed, else EXEC. ctl_multi_end() returns CTL_EXIT_OK, CTL_EXIT_RUNTIME,
+ * or -1 when a WATCHed key changed and nothing was done; with exec not
+ * NULL it hands over EXEC's array of replies on success (the caller frees
+ * it). ctl_unwatch() drops the WATCH of an abandoned transaction.
+ */
+int ctl_multi_begin(struct ctl *c);
+int ctl_multi_queue(struct ctl *c, redisReply *r);
+int ctl_multi_end(struct ctl *c, int queued, redisReply **exec);
+void ctl_unwatch(struct ctl *c);
+
+/* Parses a sorted-set score or decimal time ("1715170000000", "1.7e12")
+ * as ms. Returns 0 or -1. */
+int ctl_parse_ms(const char *s, int64_t *out);
+
+/* Parses a duration for the command line: a whole number followed by s,
+ * m, h, d or w (no unit: seconds), e.g. "90", "30m", "2h", "1d", at most
+ * 10 years. Returns 0 with *ms set, or -1. */
+int ctl_parse_duration(const char *s, int64_t *ms);
+
+/* Parses all of s as a decimal count in [min, max]. Returns 0 or -1. */
+int ctl_parse_count(const char *s, long long min, long long max, long long *out);
+
+/* Writes a duration as "42s", "3m12s", "2h05m" or "3d04h" (negative
+ * durations as 0s). */
+void ctl_fmt_duration(int64_t ms, char *out, size_t n);
+
+/* Writes a time (ms since the epoch) as "2024-05-08 13:04:10" (UTC). */
+void ctl_fmt_time(int64_t ms, char *out, size_t n);
+
+/* Prints o on stdout as indented JSON, in insertion order, followed by a
+ * newline, and releases o. */
+void ctl_json_print(json_t *o);
+
+/* A set of strings (message ids seen while walking the queue). */
+struct ctl_set {
+    char **v;                 /* open addressing, NULL = free slot */
+    size_t cap, n;
+};
+
+/* Adds a copy of s. Returns 1 when s was new, 0 when already present. */
+int ctl_set_add(struct ctl_set *s, const char *str);
+void ctl_set_free(struct ctl_set *s);
 
 /* Parses the milliseconds part of a stream entry id "<ms>-<seq>". Returns
  * 0 or -1. */

@@ -384,94 +384,6 @@ int ctl_policy_get(struct ctl *c, const char *key)
 
 /* ---- set and reset ------------------------------------------------------- */
 
-/* Checks the replies of EXEC: NIL when a watched key changed (returns 1),
- * an array of replies that must not hold errors (returns 0), anything else
- * is a failure (prints, returns -1). Frees r. */
-static int ctl_exec_result(struct ctl *c, redisReply *r)
-{
-    int rc = 0;
-
-    if (r->type == REDIS_REPLY_NIL) {
-        rc = 1;
-    } else if (r->type != REDIS_REPLY_ARRAY) {
-        ctl_error("Redis at %s: EXEC: %s", c->where,
-                  r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        rc = -1;
-    } else {
-        for (size_t i = 0; i < r->elements; i++) {
-            if (r->element[i]->type == REDIS_REPLY_ERROR) {
-                ctl_error("Redis at %s: %s", c->where, r->element[i]->str);
-                rc = -1;
-                break;
-            }
-        }
-    }
-    freeReplyObject(r);
-    return rc;
-}
-
-/* Sends one command inside MULTI; it must answer QUEUED. */
-static int ctl_queued(struct ctl *c, redisReply *r)
-{
-    int rc = 0;
-
-    if (r == NULL)
-        return -1;
-    if (r->type == REDIS_REPLY_ERROR) {
-        ctl_error("Redis at %s: %s", c->where, r->str);
-        rc = -1;
-    }
-    freeReplyObject(r);
-    return rc;
-}
-
-/* Drops the WATCH of an abandoned transaction. */
-static void ctl_unwatch(struct ctl *c)
-{
-    redisReply *r = ctl_redis_cmd(c, "UNWATCH", NULL);
-    if (r)
-        freeReplyObject(r);
-}
-
-/* Sends MULTI. Returns 0 or CTL_EXIT_RUNTIME. */
-static int ctl_multi_begin(struct ctl *c)
-{
-    redisReply *r = ctl_redis_ok(c, "MULTI", NULL);
-
-    if (r == NULL)
-        return CTL_EXIT_RUNTIME;
-    freeReplyObject(r);
-    return 0;
-}
-
-/*
- * Ends a transaction: DISCARD when queued (the status of queueing its
- * commands, 0 or -1) failed, else EXEC. Returns CTL_EXIT_OK,
- * CTL_EXIT_RUNTIME, or -1 when a watched key changed and nothing was done.
- */
-static int ctl_multi_end(struct ctl *c, int queued)
-{
-    redisReply *r;
-
-    if (queued != 0) {
-        r = ctl_redis_cmd(c, "DISCARD", NULL);
-        if (r)
-            freeReplyObject(r);
-        return CTL_EXIT_RUNTIME;
-    }
-    r = ctl_redis_cmd(c, "EXEC", NULL);
-    if (r == NULL)
-        return CTL_EXIT_RUNTIME;
-    switch (ctl_exec_result(c, r)) {
-    case 0:
-        return CTL_EXIT_OK;
-    case 1:
-        return -1;
-    default:
-        return CTL_EXIT_RUNTIME;
-    }
-}
-
 /* Starts WATCH on hkey and reads it. Returns 0 or CTL_EXIT_RUNTIME. */
 static int ctl_watch_read(struct ctl *c, const char *hkey, struct ctl_live *live)
 {
@@ -557,11 +469,11 @@ static int ctl_set_once(struct ctl *c, const struct policy_config *base, const c
          * that the hash holds each key once. */
         if (ctl_changes_have(ch, n, live.v[i].canon) &&
             strcmp(live.v[i].raw, live.v[i].canon) != 0)
-            rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[i].raw, NULL));
+            rc = ctl_multi_queue(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[i].raw, NULL));
     }
     for (size_t i = 0; i < n && rc == 0; i++)
-        rc = ctl_queued(c, ctl_redis_cmd(c, "HSET", hkey, ch[i].canon, ch[i].written, NULL));
-    rc = ctl_multi_end(c, rc);
+        rc = ctl_multi_queue(c, ctl_redis_cmd(c, "HSET", hkey, ch[i].canon, ch[i].written, NULL));
+    rc = ctl_multi_end(c, rc, NULL);
     goto out;
 
 out_unwatch:
@@ -657,17 +569,15 @@ static int ctl_reset_all(struct ctl *c, const char *hkey)
 
     if (ctl_multi_begin(c) != 0)
         return CTL_EXIT_RUNTIME;
-    if (ctl_queued(c, ctl_redis_cmd(c, "HLEN", hkey, NULL)) < 0 ||
-        ctl_queued(c, ctl_redis_cmd(c, "DEL", hkey, NULL)) < 0)
-        return ctl_multi_end(c, -1);
-    r = ctl_redis_cmd(c, "EXEC", NULL);
-    if (r == NULL)
+    if (ctl_multi_queue(c, ctl_redis_cmd(c, "HLEN", hkey, NULL)) < 0 ||
+        ctl_multi_queue(c, ctl_redis_cmd(c, "DEL", hkey, NULL)) < 0)
+        return ctl_multi_end(c, -1, NULL);
+    rc = ctl_multi_end(c, 0, &r);
+    if (rc != CTL_EXIT_OK)
         return CTL_EXIT_RUNTIME;
-    if (r->type == REDIS_REPLY_ARRAY && r->elements == 2)
+    if (r->elements == 2)
         ctl_reply_int(r->element[0], &n);
-    rc = ctl_exec_result(c, r);
-    if (rc != 0)
-        return CTL_EXIT_RUNTIME;
+    freeReplyObject(r);
     printf("removed %lld live override%s; routers use the file's policy within %d ms\n", n,
            n == 1 ? "" : "s", c->cfg.router.policy_refresh);
     return CTL_EXIT_OK;
@@ -743,8 +653,8 @@ static int ctl_reset_once(struct ctl *c, const struct policy_config *base, const
         goto out;
     for (size_t j = 0; j < live.n && rc == 0; j++)
         if (ctl_changes_have(ch, n, live.v[j].canon))
-            rc = ctl_queued(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[j].raw, NULL));
-    rc = ctl_multi_end(c, rc);
+            rc = ctl_multi_queue(c, ctl_redis_cmd(c, "HDEL", hkey, live.v[j].raw, NULL));
+    rc = ctl_multi_end(c, rc, NULL);
     goto out;
 
 out_unwatch:

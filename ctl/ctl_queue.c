@@ -1,6 +1,5 @@
 #include "ctl/ctl_queue.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <stdbool.h>
@@ -43,35 +42,6 @@ struct ctl_queue_info {
     int64_t hour;                   /* current UTC hour, hours since the epoch */
 };
 
-/* Parses a decimal or floating score ("1715170000000", "1.7e12"). */
-static int ctl_parse_ms(const char *s, int64_t *out)
-{
-    char *end;
-    double d;
-
-    if (s == NULL || *s == '\0')
-        return -1;
-    errno = 0;
-    d = strtod(s, &end);
-    if (errno != 0 || *end != '\0' || d != d || d < -9.2e18 || d > 9.2e18)
-        return -1;
-    *out = (int64_t)d;
-    return 0;
-}
-
-/* Reads the value of field name from a flat [name, value, ...] array. */
-static const redisReply *ctl_field(const redisReply *r, const char *name)
-{
-    if (r == NULL || r->type != REDIS_REPLY_ARRAY)
-        return NULL;
-    for (size_t i = 0; i + 1 < r->elements; i += 2)
-        if (r->element[i]->type == REDIS_REPLY_STRING ||
-            r->element[i]->type == REDIS_REPLY_STATUS)
-            if (strcmp(r->element[i]->str, name) == 0)
-                return r->element[i + 1];
-    return NULL;
-}
-
 /* An integer-valued command (XLEN, ZCARD, ...). Returns 0 or CTL_EXIT_RUNTIME. */
 static int ctl_int_cmd(struct ctl *c, const char *cmd, const char *key, long long *out)
 {
@@ -83,25 +53,6 @@ static int ctl_int_cmd(struct ctl *c, const char *cmd, const char *key, long lon
     if (ctl_reply_int(r, out) < 0) {
         ctl_error("Redis at %s: %s %s: unexpected reply", c->where, cmd, key);
         rc = CTL_EXIT_RUNTIME;
-    }
-    freeReplyObject(r);
-    return rc;
-}
-
-static int ctl_time(struct ctl *c, int64_t *now_ms)
-{
-    redisReply *r = ctl_redis_ok(c, "TIME", NULL);
-    long long sec, usec;
-    int rc = 0;
-
-    if (r == NULL)
-        return CTL_EXIT_RUNTIME;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-        ctl_reply_int(r->element[0], &sec) < 0 || ctl_reply_int(r->element[1], &usec) < 0) {
-        ctl_error("Redis at %s: TIME: unexpected reply", c->where);
-        rc = CTL_EXIT_RUNTIME;
-    } else {
-        *now_ms = (int64_t)sec * 1000 + usec / 1000;
     }
     freeReplyObject(r);
     return rc;
@@ -165,7 +116,7 @@ static int ctl_read_group(struct ctl *c, const char *ready, struct ctl_queue_inf
         return CTL_EXIT_RUNTIME;
     }
     for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
-        v = ctl_field(r->element[i], "name");
+        v = ctl_reply_field(r->element[i], "name");
         if (v != NULL && v->type == REDIS_REPLY_STRING && strcmp(v->str, SCHEMA_GROUP) == 0)
             g = r->element[i];
     }
@@ -176,16 +127,16 @@ static int ctl_read_group(struct ctl *c, const char *ready, struct ctl_queue_inf
         return ctl_int_cmd(c, "XLEN", ready, &q->ready);
     }
     q->have_group = true;
-    v = ctl_field(g, "last-delivered-id");
+    v = ctl_reply_field(g, "last-delivered-id");
     if (v != NULL && v->type == REDIS_REPLY_STRING)
         snprintf(q->last_delivered, sizeof(q->last_delivered), "%s", v->str);
     else
         snprintf(q->last_delivered, sizeof(q->last_delivered), "0-0");
-    if (ctl_reply_int(ctl_field(g, "pending"), &q->in_flight) < 0)
+    if (ctl_reply_int(ctl_reply_field(g, "pending"), &q->in_flight) < 0)
         q->in_flight = 0;
-    if (ctl_reply_int(ctl_field(g, "consumers"), &q->consumers) < 0)
+    if (ctl_reply_int(ctl_reply_field(g, "consumers"), &q->consumers) < 0)
         q->consumers = 0;
-    if (ctl_reply_int(ctl_field(g, "lag"), &q->ready) < 0)
+    if (ctl_reply_int(ctl_reply_field(g, "lag"), &q->ready) < 0)
         rc = ctl_count_after(c, ready, q->last_delivered, &q->ready);
     freeReplyObject(r);
     return rc;
@@ -206,7 +157,7 @@ static int ctl_entry_msg(struct ctl *c, const char *stream, const char *id, char
     if (r->type == REDIS_REPLY_ARRAY && r->elements == 1) {
         e = r->element[0];
         if (e->type == REDIS_REPLY_ARRAY && e->elements == 2) {
-            f = ctl_field(e->element[1], SCHEMA_F_ID);
+            f = ctl_reply_field(e->element[1], SCHEMA_F_ID);
             if (f != NULL && f->type == REDIS_REPLY_STRING) {
                 snprintf(out, n, "%s", f->str);
                 rc = 0;
@@ -275,7 +226,7 @@ static int ctl_oldest_unread(struct ctl *c, const char *ready, struct ctl_queue_
             e->element[0]->type == REDIS_REPLY_STRING) {
             if (ctl_stream_id_ms(e->element[0]->str, &ms) < 0)
                 ms = -1;
-            f = ctl_field(e->element[1], SCHEMA_F_ID);
+            f = ctl_reply_field(e->element[1], SCHEMA_F_ID);
             if (f != NULL && f->type == REDIS_REPLY_STRING)
                 snprintf(msg, sizeof(msg), "%s", f->str);
         }
@@ -402,21 +353,6 @@ static int ctl_read_stats(struct ctl *c, struct ctl_queue_info *q)
 
 /* ---- output ---------------------------------------------------------------- */
 
-/* Writes a duration as "42s", "3m12s", "2h05m" or "3d04h". */
-static void ctl_duration(int64_t ms, char *out, size_t n)
-{
-    int64_t s = ms < 0 ? 0 : ms / 1000;
-
-    if (s < 60)
-        snprintf(out, n, "%" PRId64 "s", s);
-    else if (s < 3600)
-        snprintf(out, n, "%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
-    else if (s < 86400)
-        snprintf(out, n, "%" PRId64 "h%02" PRId64 "m", s / 3600, (s % 3600) / 60);
-    else
-        snprintf(out, n, "%" PRId64 "d%02" PRId64 "h", s / 86400, (s % 86400) / 3600);
-}
-
 /* The share of all deliveries in tenths of a percent, rounded; -1 when
  * nothing was delivered. */
 static long long ctl_share(long long part, long long total)
@@ -452,10 +388,10 @@ static void ctl_queue_text(const struct ctl_queue_info *q)
     if (q->have_next_due) {
         int64_t in = q->next_due_ms - q->now_ms;
         if (in <= 0) {
-            ctl_duration(-in, d, sizeof(d));
+            ctl_fmt_duration(-in, d, sizeof(d));
             printf("%-10s %8lld  next due now (overdue by %s)\n", "retry", q->retry, d);
         } else {
-            ctl_duration(in, d, sizeof(d));
+            ctl_fmt_duration(in, d, sizeof(d));
             printf("%-10s %8lld  next due in %s\n", "retry", q->retry, d);
         }
     } else {
@@ -463,7 +399,7 @@ static void ctl_queue_text(const struct ctl_queue_info *q)
     }
     printf("%-10s %8lld\n", "dead", q->dead);
     if (q->have_oldest) {
-        ctl_duration(q->now_ms - q->oldest_ms, d, sizeof(d));
+        ctl_fmt_duration(q->now_ms - q->oldest_ms, d, sizeof(d));
         printf("%-10s %8s  message %s (%s; approximate)\n", "oldest", d,
                q->oldest_id[0] ? q->oldest_id : "?", q->oldest_where);
     } else {
@@ -553,7 +489,7 @@ int ctl_queue(struct ctl *c)
     retry = ctl_key(c, SCHEMA_RETRY);
     dead = ctl_key(c, SCHEMA_DEAD);
 
-    rc = ctl_time(c, &q.now_ms);
+    rc = ctl_redis_time(c, &q.now_ms);
     if (rc == 0)
         rc = ctl_read_group(c, ready, &q);
     if (rc == 0)

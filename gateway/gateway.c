@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gateway/dkim.h"
 #include "gateway/smtp_session.h"
 #include "lib/log.h"
 #include "lib/xmalloc.h"
@@ -30,6 +31,7 @@ struct gateway {
     struct queue *queue;
     struct tls_ctx *tls;
     struct users *users;
+    struct dkim_keys *dkim;       /* DKIM signing keys (gateway/dkim.h) */
 
     struct gateway_listener **listeners;
     size_t nlisteners;
@@ -98,10 +100,11 @@ static void gateway_metrics_register(struct gateway_metrics *m)
 }
 
 static int gateway_load(const struct mf_config *cfg, struct tls_ctx **tls, struct users **users,
-                        char *err, size_t errlen)
+                        struct dkim_keys **dkim, char *err, size_t errlen)
 {
     *tls = NULL;
     *users = NULL;
+    *dkim = NULL;
     if (cfg->gateway.tls_cert && cfg->gateway.tls_key) {
         *tls = tls_ctx_server(cfg->gateway.tls_cert, cfg->gateway.tls_key, NULL, 0, err, errlen);
         if (*tls == NULL)
@@ -116,6 +119,17 @@ static int gateway_load(const struct mf_config *cfg, struct tls_ctx **tls, struc
             return -1;
         }
     }
+    /* DKIM keys: loaded at start and on SIGHUP like the rest. */
+    *dkim = dkim_keys_load(cfg, err, errlen);
+    if (*dkim == NULL) {
+        if (*tls)
+            tls_ctx_unref(*tls);
+        if (*users)
+            users_unref(*users);
+        *tls = NULL;
+        *users = NULL;
+        return -1;
+    }
     return 0;
 }
 
@@ -123,13 +137,15 @@ int gateway_check(const struct mf_config *cfg, char *err, size_t errlen)
 {
     struct tls_ctx *tls;
     struct users *users;
+    struct dkim_keys *dkim;
 
-    if (gateway_load(cfg, &tls, &users, err, errlen) != 0)
+    if (gateway_load(cfg, &tls, &users, &dkim, err, errlen) != 0)
         return -1;
     if (tls)
         tls_ctx_unref(tls);
     if (users)
         users_unref(users);
+    dkim_keys_unref(dkim);
     return 0;
 }
 
@@ -215,7 +231,7 @@ struct gateway *gateway_new(uv_loop_t *loop, const struct mf_config *cfg, struct
     gateway_metrics_register(&gw->metrics);
     uv_timer_init(loop, &gw->grace);
     gw->grace.data = gw;
-    if (gateway_load(cfg, &gw->tls, &gw->users, err, errlen) != 0 ||
+    if (gateway_load(cfg, &gw->tls, &gw->users, &gw->dkim, err, errlen) != 0 ||
         gateway_listen(gw, &cfg->gateway.listen_addrs, GATEWAY_LISTEN_PLAIN, err, errlen) != 0 ||
         gateway_listen(gw, &cfg->gateway.submission_addrs, GATEWAY_LISTEN_SUBMISSION, err,
                        errlen) != 0 ||
@@ -226,8 +242,10 @@ struct gateway *gateway_new(uv_loop_t *loop, const struct mf_config *cfg, struct
             tls_ctx_unref(gw->tls);
         if (gw->users)
             users_unref(gw->users);
+        dkim_keys_unref(gw->dkim);
         gw->tls = NULL;
         gw->users = NULL;
+        gw->dkim = NULL;
         uv_close((uv_handle_t *)&gw->grace, NULL);
         return NULL;
     }
@@ -242,9 +260,10 @@ int gateway_reload(struct gateway *gw)
 {
     struct tls_ctx *tls;
     struct users *users;
+    struct dkim_keys *dkim;
     char err[512];
 
-    if (gateway_load(gw->cfg, &tls, &users, err, sizeof(err)) != 0) {
+    if (gateway_load(gw->cfg, &tls, &users, &dkim, err, sizeof(err)) != 0) {
         char q[600];
         log_error("event=reload result=fail reason=%s", log_quote(q, sizeof(q), err, strlen(err)));
         return -1;
@@ -253,10 +272,13 @@ int gateway_reload(struct gateway *gw)
         tls_ctx_unref(gw->tls);
     if (gw->users)
         users_unref(gw->users);
+    /* Signatures in progress keep their reference to the old keys. */
+    dkim_keys_unref(gw->dkim);
     gw->tls = tls;
     gw->users = users;
-    log_info("event=reload result=ok tls=%s users=%zu", tls ? "yes" : "no",
-             users ? users_count(users) : 0);
+    gw->dkim = dkim;
+    log_info("event=reload result=ok tls=%s users=%zu dkim_keys=%zu", tls ? "yes" : "no",
+             users ? users_count(users) : 0, dkim_keys_count(dkim));
     return 0;
 }
 
@@ -321,6 +343,7 @@ void gateway_free(struct gateway *gw)
         tls_ctx_unref(gw->tls);
     if (gw->users)
         users_unref(gw->users);
+    dkim_keys_unref(gw->dkim);
     for (size_t i = 0; i < GATEWAY_IP_BUCKETS; i++) {
         while (gw->ips[i]) {
             struct gateway_ipcount *n = gw->ips[i]->next;
@@ -337,6 +360,7 @@ const struct mf_config *gateway_config(const struct gateway *gw) { return gw->cf
 struct queue *gateway_queue(const struct gateway *gw) { return gw->queue; }
 struct tls_ctx *gateway_tls(const struct gateway *gw) { return gw->tls; }
 struct users *gateway_users(const struct gateway *gw) { return gw->users; }
+struct dkim_keys *gateway_dkim(const struct gateway *gw) { return gw->dkim; }
 int gateway_paused(const struct gateway *gw) { return gw->paused; }
 int gateway_stopping(const struct gateway *gw) { return gw->stopping; }
 uv_loop_t *gateway_loop(const struct gateway *gw) { return gw->loop; }

@@ -29,10 +29,11 @@ enum gateway_listener_kind {
 
 struct gateway;
 struct smtp_session;
+struct dkim_keys;
 
 /*
- * Loads the TLS certificate and the users file named in cfg (without
- * opening anything). Used by --check-config and at start. Returns 0, or -1
+ * Loads the TLS certificate, the users file and the DKIM keys named in cfg
+ * (without opening anything). Used by --check-config and at start. Returns 0, or -1
  * with a message in err.
  */
 int gateway_check(const struct mf_config *cfg, char *err, size_t errlen);
@@ -45,9 +46,10 @@ int gateway_check(const struct mf_config *cfg, char *err, size_t errlen);
 struct gateway *gateway_new(uv_loop_t *loop, const struct mf_config *cfg, struct queue *q,
                             char *err, size_t errlen);
 
-/* SIGHUP: reloads the TLS certificate and the users file. Sessions keep
- * what they started with; new sessions and new AUTH/STARTTLS use the new
- * ones. On error the old ones stay and -1 is returned (logged). */
+/* SIGHUP: reloads the TLS certificate, the users file and the DKIM keys.
+ * Sessions keep what they started with; new sessions, new AUTH/STARTTLS
+ * and new signatures use the new ones. On error the old ones stay and -1
+ * is returned (logged). */
 int gateway_reload(struct gateway *gw);
 
 /*
@@ -67,6 +69,9 @@ struct queue *gateway_queue(const struct gateway *gw);
 struct tls_ctx *gateway_tls(const struct gateway *gw);
 /* The current users, or NULL when no users file is configured. */
 struct users *gateway_users(const struct gateway *gw);
+/* The current DKIM keys (possibly an empty set; gateway/dkim.h). A session
+ * that signs takes its own reference for the time it signs. */
+struct dkim_keys *gateway_dkim(const struct gateway *gw);
 /* 1 while the queue's write backlog is over its high-water mark. */
 int gateway_paused(const struct gateway *gw);
 /* 1 once gateway_shutdown() was called. */

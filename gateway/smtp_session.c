@@ -9,6 +9,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "gateway/dkim.h"
 #include "lib/buf.h"
 #include "lib/log.h"
 #include "lib/sasl.h"
@@ -985,11 +986,14 @@ static void smtp_on_queued(int status, const char *err, void *arg)
 
 /* The end-of-data marker was seen: answer errors latched during DATA, or
  * hand the message to the queue. */
+static void smtp_enqueue(struct smtp_session *s, const char *cls);
+static void smtp_on_signed(int status, const char *sigs, size_t siglen, const char *err,
+                           void *arg);
+
 static void smtp_end_of_data(struct smtp_session *s)
 {
     const struct mf_config *cfg = gateway_config(s->gw);
     struct smtp_tx *tx = s->tx;
-    struct queue_msg m;
     struct buf h = BUF_INIT;
     char cls[64];
 
@@ -1014,6 +1018,25 @@ static void smtp_end_of_data(struct smtp_session *s)
     buf_free(&tx->msg);
     tx->msg = h;
 
+    /* DKIM: sign after the added header fields, before the queue, on a
+     * worker thread; smtp_on_signed() queues the message then. */
+    smtp_enter_state(s, SMTP_S_QUEUEING);
+    s->inflight++;
+    if (dkim_sign_async(gateway_loop(s->gw), gateway_dkim(s->gw), tx->id, tx->from,
+                        tx->msg.data, tx->msg.len, smtp_on_signed, s))
+        return;
+    s->inflight--;
+    smtp_enqueue(s, cls);
+}
+
+/* ---- DKIM signing (gateway/dkim.h) ------------------------------------------ */
+
+/* Hands the transaction's message to the queue; smtp_on_queued() answers. */
+static void smtp_enqueue(struct smtp_session *s, const char *cls)
+{
+    struct smtp_tx *tx = s->tx;
+    struct queue_msg m;
+
     memset(&m, 0, sizeof(m));
     m.from = tx->from;
     m.rcpts = (const char *const *)tx->rcpts;
@@ -1028,6 +1051,47 @@ static void smtp_end_of_data(struct smtp_session *s)
     s->inflight++;
     tx->enqueued_ns = uv_hrtime();
     queue_enqueue(gateway_queue(s->gw), tx->id, &m, smtp_on_queued, s);
+}
+
+/*
+ * The DKIM-Signature fields are ready: they go in front of the message,
+ * which is then queued. Every message must leave signed when its domain
+ * has a key, so a signing failure is a temporary one (451) that the client
+ * retries, never an unsigned message.
+ */
+static void smtp_on_signed(int status, const char *sigs, size_t siglen, const char *err,
+                           void *arg)
+{
+    struct smtp_session *s = arg;
+    struct smtp_tx *tx = s->tx;
+    struct buf b = BUF_INIT;
+    char cls[64], eq[300];
+    int has_msgid, has_date;
+
+    s->inflight--;
+    if (s->state == SMTP_S_CLOSING) {
+        smtp_maybe_free(s);
+        return;
+    }
+    if (status != 0) {
+        log_quote(eq, sizeof(eq), err ? err : "", err ? strlen(err) : 0);
+        log_warn("session=%s event=reject id=%s cmd=DATA code=451 reason=dkim_error error=%s",
+                 s->sid, tx->id, eq);
+        smtp_reply(s, 451, "4.3.0", "Temporary failure: cannot sign the message, try again later");
+        smtp_tx_reset(s);
+        smtp_enter_state(s, SMTP_S_CMD);
+        smtp_process(s);
+        conn_flush(s->conn);
+        smtp_update_reading(s);
+        return;
+    }
+    buf_reserve(&b, siglen + tx->msg.len);
+    buf_append(&b, sigs, siglen);
+    buf_append(&b, tx->msg.data, tx->msg.len);
+    buf_free(&tx->msg);
+    tx->msg = b;
+    smtp_scan_headers(&tx->msg, &has_msgid, &has_date, cls, sizeof(cls));
+    smtp_enqueue(s, cls);
 }
 
 /* ---- input loop ------------------------------------------------------------- */

@@ -189,7 +189,7 @@ static void admin_on_write(uv_write_t *req, int status)
         c->out_paused = 0;
         http_parser_pause(&c->parser, 0);
         admin_process(c);
-        if (!c->closing && !c->finishing && !c->out_paused)
+        if (!c->closing && !c->finishing && !c->out_paused && !c->peer_eof)
             uv_read_start((uv_stream_t *)&c->tcp, admin_on_alloc, admin_on_read);
     }
 }
@@ -414,6 +414,7 @@ static int admin_on_message_complete(http_parser *p)
     /* A complete request restarts the idle timeout. */
     uv_timer_start(&c->timer, admin_on_idle, ADMIN_IDLE_MS, 0);
     if (c->out_pending > ADMIN_OUT_MAX) {
+        log_debug("event=admin_paused reason=output_backlog pending_bytes=%zu", c->out_pending);
         c->out_paused = 1;
         http_parser_pause(p, 1);
     }

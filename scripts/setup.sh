@@ -11,6 +11,7 @@ libopendkim-dev libgmime-3.0-dev libcrypt-dev
 redis-server openssl ca-certificates
 swaks libnet-ssleay-perl curl python3 python3-pytest python3-aiosmtpd python3-dkim
 dnsmasq-base postfix opendkim-tools iproute2 procps
+prometheus
 "
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -31,8 +32,10 @@ fi
 echo "setup: installing$missing" >&2
 
 # Installing postfix must not start a system-wide MTA on port 25: tests run
-# private instances (postfix -c DIR) and smtp-sink. policy-rc.d forbids
-# service starts during the install; debconf skips the mailer configuration.
+# private instances (postfix -c DIR) and smtp-sink. Likewise prometheus,
+# installed only for promtool (the tests check /metrics with it), must not
+# start its server. policy-rc.d forbids service starts during the install;
+# debconf skips the mailer configuration.
 created_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

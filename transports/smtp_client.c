@@ -72,6 +72,13 @@ enum sc_state {
     SC_TX_DOT,            /* waiting for the reply to the final "." */
     SC_TX_RSET,           /* RSET after an unfinished transaction */
     SC_COMMAND,           /* waiting for the reply to smtp_client_command */
+    SC_STEP_LOCAL,        /* stepwise command answered locally, reply pending */
+    SC_STEP_MAIL,         /* stepwise: waiting for the reply to MAIL */
+    SC_STEP_OPEN,         /* stepwise: transaction open, no command in flight */
+    SC_STEP_RCPT,         /* stepwise: waiting for the reply to RCPT */
+    SC_STEP_DATA,         /* stepwise: waiting for 354 */
+    SC_STEP_DATA_RSET,    /* stepwise: DATA refused, RSET sent */
+    SC_STEP_RSET,         /* stepwise: waiting for the reply to RSET */
     SC_QUIT,              /* QUIT sent, waiting for 221 */
     SC_BROKEN,            /* connection unusable; waiting for the owner */
     SC__COUNT
@@ -84,10 +91,13 @@ static const char *const sc_state_names[SC__COUNT] = {
     [SC_AUTH_LOGIN_USER] = "auth_login_user", [SC_AUTH_LOGIN_PASS] = "auth_login_pass",
     [SC_IDLE] = "idle", [SC_TX_LOCAL] = "tx_local", [SC_TX_ENVELOPE] = "tx_envelope",
     [SC_TX_CONTENT] = "tx_content", [SC_TX_DOT] = "tx_dot", [SC_TX_RSET] = "tx_rset",
-    [SC_COMMAND] = "command", [SC_QUIT] = "quit", [SC_BROKEN] = "broken",
+    [SC_COMMAND] = "command", [SC_STEP_LOCAL] = "step_local", [SC_STEP_MAIL] = "step_mail",
+    [SC_STEP_OPEN] = "step_open", [SC_STEP_RCPT] = "step_rcpt", [SC_STEP_DATA] = "step_data",
+    [SC_STEP_DATA_RSET] = "step_data_rset", [SC_STEP_RSET] = "step_rset",
+    [SC_QUIT] = "quit", [SC_BROKEN] = "broken",
 };
 
-enum sc_op { SC_OP_NONE, SC_OP_READY, SC_OP_TX, SC_OP_CMD };
+enum sc_op { SC_OP_NONE, SC_OP_READY, SC_OP_TX, SC_OP_CMD, SC_OP_STEP };
 
 /* Per recipient progress within a transaction. */
 enum { SC_RCPT_PENDING = 0, SC_RCPT_ACCEPTED, SC_RCPT_DONE };
@@ -147,9 +157,13 @@ struct smtp_client {
     void *ready_arg;
     smtp_client_tx_cb tx_cb;
     void *tx_arg;
-    smtp_client_cmd_cb cmd_cb;
+    smtp_client_cmd_cb cmd_cb;     /* smtp_client_command and stepwise */
     void *cmd_arg;
-    struct sc_tx *tx;
+    struct sc_tx *tx;              /* smtp_client_send, or the content of a
+                                      stepwise DATA */
+    struct smtp_reply step_reply;  /* a stepwise reply made locally, or the
+                                      refusal of DATA kept across RSET */
+    enum sc_state step_next;       /* state after a locally made reply */
 
     void (*free_cb)(void *arg);
     void *free_arg;
@@ -435,6 +449,16 @@ static void sc_fail(struct smtp_client *c, const char *why, const struct smtp_re
         c->op = SC_OP_NONE;
         c->cmd_cb(c, -1, reply, c->cmd_arg);
         break;
+    case SC_OP_STEP: {
+        int status = c->tx != NULL && c->tx->dot_sent ? SMTP_CLIENT_AMBIGUOUS : -1;
+
+        if (c->tx != NULL)
+            sc_tx_free(c->tx);
+        c->tx = NULL;
+        c->op = SC_OP_NONE;
+        c->cmd_cb(c, status, reply, c->cmd_arg);
+        break;
+    }
     case SC_OP_NONE:
         break;
     }
@@ -671,6 +695,48 @@ static void sc_on_auth(struct smtp_client *c, const struct smtp_reply *r)
 
 /* ---- transactions ------------------------------------------------------- */
 
+/* The MAIL parameters: RFC 1870 section 6 the size estimate (size < 0:
+ * none), RFC 6152 BODY=8BITMIME, RFC 6531 section 3.4 SMTPUTF8, each only
+ * when the server offers it. */
+static void sc_mail_params(struct smtp_client *c, struct buf *params, long long size,
+                           int body8bit, int smtputf8)
+{
+    if (c->ext_size_on && size >= 0)
+        buf_appendf(params, " SIZE=%lld", size);
+    if (body8bit && c->ext_8bitmime)
+        buf_appends(params, " BODY=8BITMIME");
+    if (smtputf8 && c->ext_smtputf8)
+        buf_appends(params, " SMTPUTF8");
+}
+
+/*
+ * Whether a message the server cannot take must be refused without
+ * sending it: RFC 6531 section 3.5 (SMTPUTF8), RFC 6152 section 3 / RFC
+ * 3463 5.6.3 (8-bit content without 8BITMIME), RFC 1870 section 6 (SIZE).
+ * Returns 0, or the reply code with enh and text filled.
+ */
+static int sc_mail_refusal(struct smtp_client *c, long long size, int body8bit, int smtputf8,
+                           const char **enh, char *text, size_t n)
+{
+    if (smtputf8 && !c->ext_smtputf8) {
+        *enh = "5.6.7";
+        snprintf(text, n, "message needs SMTPUTF8, which the server does not offer");
+        return 553;
+    }
+    if (body8bit && !c->ext_8bitmime) {
+        *enh = "5.6.3";
+        snprintf(text, n, "message has 8-bit content and the server does not offer 8BITMIME");
+        return 554;
+    }
+    if (c->ext_size > 0 && size >= 0 && (unsigned long long)size > c->ext_size) {
+        *enh = "5.3.4";
+        snprintf(text, n, "message size %lld exceeds the server's limit of %llu", size,
+                 c->ext_size);
+        return 552;
+    }
+    return 0;
+}
+
 /* The envelope commands, by index: 0 MAIL, 1..nmap RCPT (the recipients
  * not refused locally, in order), nmap+1 DATA. */
 static void sc_tx_write_cmd(struct smtp_client *c, size_t k)
@@ -680,14 +746,7 @@ static void sc_tx_write_cmd(struct smtp_client *c, size_t k)
     if (k == 0) {
         struct buf params = BUF_INIT;
 
-        /* RFC 1870 section 6: the size estimate; RFC 6152 BODY=8BITMIME;
-         * RFC 6531 section 3.4 SMTPUTF8. */
-        if (c->ext_size_on)
-            buf_appendf(&params, " SIZE=%zu", tx->len);
-        if (tx->body8bit && c->ext_8bitmime)
-            buf_appends(&params, " BODY=8BITMIME");
-        if (tx->smtputf8 && c->ext_smtputf8)
-            buf_appends(&params, " SMTPUTF8");
+        sc_mail_params(c, &params, (long long)tx->len, tx->body8bit, tx->smtputf8);
         sc_write_cmd(c, "MAIL FROM:<%s>%s", tx->from, params.data != NULL ? params.data : "");
         buf_free(&params);
     } else if (k <= tx->nmap) {
@@ -889,31 +948,17 @@ static void sc_on_rset(struct smtp_client *c, const struct smtp_reply *r)
     sc_tx_finish(c);
 }
 
-/* A message the server cannot take is answered without sending it:
- * RFC 6531 section 3.5 (SMTPUTF8), RFC 6152 section 3 / RFC 3463 5.6.3
- * (8-bit content without 8BITMIME), RFC 1870 section 6 (SIZE). */
+/* A message the server cannot take is answered without sending it
+ * (sc_mail_refusal). */
 static int sc_tx_check_local(struct smtp_client *c, struct sc_tx *tx)
 {
-    int code = 0;
-    const char *enh = NULL, *text = NULL;
-    char buf[160];
+    const char *enh = NULL;
+    char text[160];
+    int code;
     size_t i;
 
-    if (tx->smtputf8 && !c->ext_smtputf8) {
-        code = 553;
-        enh = "5.6.7";
-        text = "message needs SMTPUTF8, which the server does not offer";
-    } else if (tx->body8bit && !c->ext_8bitmime) {
-        code = 554;
-        enh = "5.6.3";
-        text = "message has 8-bit content and the server does not offer 8BITMIME";
-    } else if (c->ext_size > 0 && tx->len > c->ext_size) {
-        code = 552;
-        enh = "5.3.4";
-        snprintf(buf, sizeof(buf), "message size %zu exceeds the server's limit of %llu",
-                 tx->len, c->ext_size);
-        text = buf;
-    }
+    code = sc_mail_refusal(c, (long long)tx->len, tx->body8bit, tx->smtputf8, &enh, text,
+                           sizeof(text));
     if (code == 0)
         return 0;
     for (i = 0; i < tx->nrcpts; i++) {
@@ -995,6 +1040,198 @@ int smtp_client_send(struct smtp_client *c, const struct transport_msg *m,
     return 0;
 }
 
+/* ---- stepwise transactions -------------------------------------------- */
+
+/*
+ * Completes the stepwise command in flight with reply r (status 0) and
+ * moves to state next. A 421 reply means the server is closing (RFC 5321
+ * section 3.8): the client is broken whatever next says. The content of a
+ * DATA, if any, is released first; the callback may start the next command.
+ */
+static void sc_step_done(struct smtp_client *c, const struct smtp_reply *r, enum sc_state next)
+{
+    smtp_client_cmd_cb cb = c->cmd_cb;
+    void *arg = c->cmd_arg;
+
+    uv_timer_stop(&c->timer);
+    if (c->tx != NULL)
+        sc_tx_free(c->tx);
+    c->tx = NULL;
+    c->op = SC_OP_NONE;
+    if (r->code == 421 || next == SC_BROKEN) {
+        sc_drop_conn(c, SC_DROP_ABORT);
+        next = SC_BROKEN;
+    }
+    sc_enter_state(c, next);
+    cb(c, 0, r, arg);
+}
+
+/* Answers the command being started with a reply made here, from the
+ * loop (callbacks never run inside an API call). */
+static void sc_step_local(struct smtp_client *c, int code, const char *enh, const char *text,
+                          enum sc_state next)
+{
+    memset(&c->step_reply, 0, sizeof(c->step_reply));
+    c->step_reply.code = code;
+    snprintf(c->step_reply.enhanced, sizeof(c->step_reply.enhanced), "%s", enh);
+    snprintf(c->step_reply.text, sizeof(c->step_reply.text), "%s", text);
+    c->step_reply.nlines = 1;
+    c->step_next = next;
+    sc_enter_state(c, SC_STEP_LOCAL);
+    uv_timer_start(&c->timer, sc_on_timer, 0, 0);
+}
+
+/* Whether a stepwise command may start in state st. */
+static int sc_step_can(const struct smtp_client *c, enum sc_state st)
+{
+    return c->state == st && c->op == SC_OP_NONE && !c->released && c->conn != NULL &&
+           !c->conn_closing;
+}
+
+static void sc_step_begin(struct smtp_client *c, smtp_client_cmd_cb cb, void *arg)
+{
+    c->op = SC_OP_STEP;
+    c->cmd_cb = cb;
+    c->cmd_arg = arg;
+}
+
+int smtp_client_mail(struct smtp_client *c, const char *from,
+                     const struct smtp_client_mail_params *p, smtp_client_cmd_cb cb, void *arg)
+{
+    struct buf params = BUF_INIT;
+    const char *enh = NULL;
+    char text[160];
+    int code;
+
+    if (!sc_step_can(c, SC_IDLE))
+        return -1;
+    sc_step_begin(c, cb, arg);
+    if (sc_addr_bad(from)) {
+        sc_step_local(c, 553, "5.1.7", "invalid sender address", SC_IDLE);
+        return 0;
+    }
+    code = sc_mail_refusal(c, p->size, p->body8bit, p->smtputf8, &enh, text, sizeof(text));
+    if (code != 0) {
+        sc_step_local(c, code, enh, text, SC_IDLE);
+        return 0;
+    }
+    sc_mail_params(c, &params, p->size, p->body8bit, p->smtputf8);
+    sc_write_cmd(c, "MAIL FROM:<%s>%s", from, params.data != NULL ? params.data : "");
+    buf_free(&params);
+    sc_flush(c);
+    sc_enter_state(c, SC_STEP_MAIL);
+    sc_timer(c, c->t_mail);
+    return 0;
+}
+
+int smtp_client_rcpt(struct smtp_client *c, const char *rcpt, smtp_client_cmd_cb cb, void *arg)
+{
+    if (!sc_step_can(c, SC_STEP_OPEN))
+        return -1;
+    sc_step_begin(c, cb, arg);
+    if (sc_addr_bad(rcpt)) {
+        sc_step_local(c, 553, "5.1.3", "invalid recipient address", SC_STEP_OPEN);
+        return 0;
+    }
+    sc_write_cmd(c, "RCPT TO:<%s>", rcpt);
+    sc_flush(c);
+    sc_enter_state(c, SC_STEP_RCPT);
+    sc_timer(c, c->t_rcpt);
+    return 0;
+}
+
+int smtp_client_data(struct smtp_client *c, const char *data, size_t len,
+                     smtp_client_cmd_cb cb, void *arg)
+{
+    struct sc_tx *tx;
+
+    if (!sc_step_can(c, SC_STEP_OPEN))
+        return -1;
+    sc_step_begin(c, cb, arg);
+    tx = xcalloc(1, sizeof(*tx));
+    snprintf(tx->id, sizeof(tx->id), "-");
+    tx->data = data;
+    tx->len = len;
+    tx->at_bol = 1;
+    tx->conn_ok = 1;
+    c->tx = tx;
+    sc_write_cmd(c, "DATA");
+    sc_flush(c);
+    sc_enter_state(c, SC_STEP_DATA);
+    sc_timer(c, c->t_data);
+    return 0;
+}
+
+int smtp_client_rset(struct smtp_client *c, smtp_client_cmd_cb cb, void *arg)
+{
+    if (!sc_step_can(c, SC_STEP_OPEN) && !sc_step_can(c, SC_IDLE))
+        return -1;
+    sc_step_begin(c, cb, arg);
+    sc_write_cmd(c, "RSET");
+    sc_flush(c);
+    sc_enter_state(c, SC_STEP_RSET);
+    sc_timer(c, c->t_command);
+    return 0;
+}
+
+int smtp_client_in_transaction(const struct smtp_client *c)
+{
+    return sc_step_can(c, SC_STEP_OPEN);
+}
+
+/* A reply to a stepwise command, in any of the SC_STEP_* states, or to
+ * its content (SC_TX_CONTENT, SC_TX_DOT with op SC_OP_STEP). */
+static void sc_on_step(struct smtp_client *c, const struct smtp_reply *r)
+{
+    int cls = smtp_reply_class(r);
+
+    switch (c->state) {
+    case SC_STEP_MAIL:
+        sc_step_done(c, r, cls == 2 ? SC_STEP_OPEN : SC_IDLE);
+        break;
+    case SC_STEP_RCPT:
+        sc_step_done(c, r, SC_STEP_OPEN);
+        break;
+    case SC_STEP_DATA:
+        if (r->code == 354) {
+            sc_enter_state(c, SC_TX_CONTENT);
+            sc_tx_content(c);
+            break;
+        }
+        if (r->code == 421) {
+            sc_step_done(c, r, SC_BROKEN);
+            break;
+        }
+        /* DATA refused (no valid recipient, RFC 2920 section 3.1, or
+         * any other reason): the server may still hold the transaction,
+         * and RSET clears it before the client counts as idle. */
+        c->step_reply = *r;
+        sc_write_cmd(c, "RSET");
+        sc_flush(c);
+        sc_enter_state(c, SC_STEP_DATA_RSET);
+        sc_timer(c, c->t_command);
+        break;
+    case SC_STEP_DATA_RSET:
+        sc_step_done(c, &c->step_reply, cls == 2 ? SC_IDLE : SC_BROKEN);
+        break;
+    case SC_STEP_RSET:
+        sc_step_done(c, r, cls == 2 ? SC_IDLE : SC_BROKEN);
+        break;
+    case SC_TX_CONTENT:
+        /* An answer before the end of data: the server gave up on the
+         * message, and the rest of the content cannot be sent in step. */
+        sc_step_done(c, r, SC_BROKEN);
+        break;
+    case SC_TX_DOT:
+        /* RFC 5321 section 4.1.1.4: the transaction is over whatever the
+         * reply says. */
+        sc_step_done(c, r, SC_IDLE);
+        break;
+    default:
+        break;
+    }
+}
+
 /* ---- commands and close ----------------------------------------------------- */
 
 int smtp_client_command(struct smtp_client *c, const char *line, smtp_client_cmd_cb cb,
@@ -1070,7 +1307,10 @@ void smtp_client_quit(struct smtp_client *c)
 {
     if (c->released)
         return;
-    if (c->state != SC_IDLE || c->conn == NULL || c->conn_closing) {
+    /* QUIT is also fine inside an open transaction (RFC 5321 section
+     * 4.1.1.10: the server aborts it). */
+    if ((c->state != SC_IDLE && c->state != SC_STEP_OPEN) || c->op != SC_OP_NONE ||
+        c->conn == NULL || c->conn_closing) {
         smtp_client_close(c);
         return;
     }
@@ -1111,7 +1351,18 @@ static void sc_handle_reply(struct smtp_client *c, const struct smtp_reply *r)
     case SC_TX_ENVELOPE:
         sc_on_envelope(c, r);
         break;
+    case SC_STEP_MAIL:
+    case SC_STEP_RCPT:
+    case SC_STEP_DATA:
+    case SC_STEP_DATA_RSET:
+    case SC_STEP_RSET:
+        sc_on_step(c, r);
+        break;
     case SC_TX_CONTENT:
+        if (c->op == SC_OP_STEP) {
+            sc_on_step(c, r);
+            break;
+        }
         /* The server answered before the end of data (it gave up on the
          * message): the answer is for every accepted recipient, and the
          * rest of the content can no longer be sent in step. */
@@ -1120,7 +1371,10 @@ static void sc_handle_reply(struct smtp_client *c, const struct smtp_reply *r)
         sc_tx_finish(c);
         break;
     case SC_TX_DOT:
-        sc_on_dot(c, r);
+        if (c->op == SC_OP_STEP)
+            sc_on_step(c, r);
+        else
+            sc_on_dot(c, r);
         break;
     case SC_TX_RSET:
         sc_on_rset(c, r);
@@ -1279,6 +1533,20 @@ static void sc_on_timer(uv_timer_t *t)
     case SC_TX_LOCAL:
         sc_tx_finish(c);
         return;
+    case SC_STEP_LOCAL:
+        sc_step_done(c, &c->step_reply, c->step_next);
+        return;
+    case SC_STEP_MAIL:
+    case SC_STEP_RCPT:
+    case SC_STEP_DATA:
+    case SC_STEP_DATA_RSET:
+    case SC_STEP_RSET:
+        snprintf(why, sizeof(why), "timeout waiting for reply to %s",
+                 c->state == SC_STEP_MAIL   ? "MAIL"
+                 : c->state == SC_STEP_RCPT ? "RCPT"
+                 : c->state == SC_STEP_DATA ? "DATA"
+                                            : "RSET");
+        break;
     case SC_QUIT:
         sc_drop_conn(c, SC_DROP_ABORT);
         return;

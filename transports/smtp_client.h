@@ -105,6 +105,60 @@ typedef void (*smtp_client_cmd_cb)(struct smtp_client *c, int status,
 int smtp_client_command(struct smtp_client *c, const char *line, smtp_client_cmd_cb cb,
                         void *arg);
 
+/*
+ * Stepwise transactions, for a caller that must see the server's answer to
+ * each command before it sends the next one (the relay passes each reply
+ * of a recipient's MX back to its own client, RCPT by RCPT). One command
+ * is in flight at a time:
+ *
+ *   smtp_client_mail()  MAIL FROM; a 2xx reply opens the transaction
+ *   smtp_client_rcpt()  RCPT TO, any number while the transaction is open
+ *   smtp_client_data()  DATA, the content with dot-stuffing and the final
+ *                       "."; the reply is the answer to the end of data,
+ *                       or the refusal of DATA itself, after which the
+ *                       client has sent RSET (its reply is not reported)
+ *   smtp_client_rset()  RSET; ends an open transaction (also allowed idle)
+ *
+ * Each callback (smtp_client_cmd_cb, called exactly once, from the loop)
+ * gets status 0 with the reply: the server's own, or one made here
+ * without asking the server for what it cannot take (MAIL: 553 5.6.7
+ * when SMTPUTF8 is needed and not offered, 554 5.6.3 for 8-bit content
+ * without 8BITMIME, 552 5.3.4 over the announced SIZE; 553 5.1.7 / 5.1.3
+ * for an address holding CR, LF, '<' or '>'). A 421 reply is reported
+ * with status 0 and leaves the client broken. status < 0 means the
+ * connection failed (timeout, lost, closed by the owner), reply is then
+ * the server's last reply or NULL; SMTP_CLIENT_AMBIGUOUS from
+ * smtp_client_data() says the final "." had been sent, so the server may
+ * have taken the message. After any failure the client is broken and the
+ * owner closes it.
+ *
+ * After a callback the client is idle (smtp_client_idle), inside an open
+ * transaction (smtp_client_in_transaction: after MAIL or RCPT), or broken.
+ * Each function returns 0, or -1 when the client is not in the state the
+ * command needs (busy, broken, closed). smtp_client_send() and stepwise
+ * commands use the same session one after another.
+ */
+#define SMTP_CLIENT_AMBIGUOUS (-2)
+
+struct smtp_client_mail_params {
+    long long size;          /* SIZE= estimate (RFC 1870), -1 when unknown */
+    int body8bit;            /* BODY=8BITMIME (RFC 6152) */
+    int smtputf8;            /* SMTPUTF8 (RFC 6531) */
+};
+
+int smtp_client_mail(struct smtp_client *c, const char *from,
+                     const struct smtp_client_mail_params *p, smtp_client_cmd_cb cb, void *arg);
+int smtp_client_rcpt(struct smtp_client *c, const char *rcpt, smtp_client_cmd_cb cb, void *arg);
+/* The bytes (CRLF line ends, not dot-stuffed) must stay valid until the
+ * callback. */
+int smtp_client_data(struct smtp_client *c, const char *data, size_t len,
+                     smtp_client_cmd_cb cb, void *arg);
+int smtp_client_rset(struct smtp_client *c, smtp_client_cmd_cb cb, void *arg);
+
+/* 1 when a stepwise transaction is open (MAIL accepted, no DATA or RSET
+ * yet) and no command is in flight. */
+int smtp_client_in_transaction(const struct smtp_client *c);
+
 /* 1 when connected, greeted and idle (ready for smtp_client_send). */
 int smtp_client_idle(const struct smtp_client *c);
 

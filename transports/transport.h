@@ -55,6 +55,14 @@ struct transport_result {
     int transport_failure;
     char remote[128];         /* who answered (host, API endpoint) */
     char provider_id[128];    /* API message id, "" otherwise */
+    /* The peer asked not to be tried again before this many milliseconds
+     * (HTTP Retry-After, RFC 9110 section 10.2.3); 0 when it did not say. */
+    int64_t retry_after_ms;
+    /* For recipients marked ambiguous: 1 when the route allows sending
+     * them again through any route (resend_ambiguous = yes); 0 when they
+     * must not be resent through another route, since the first may have
+     * delivered them. */
+    int resend_ambiguous;
 };
 
 typedef void (*transport_done_cb)(const struct transport_result *res, void *arg);
