@@ -558,7 +558,8 @@ void ctl_fmt_time(int64_t ms, char *out, size_t n)
 
 void ctl_json_print(json_t *o)
 {
-    char *s = json_dumps(o, JSON_PRESERVE_ORDER | JSON_INDENT(2));
+    /* 15 significant digits: 0.05 rather than 0.050000000000000003. */
+    char *s = json_dumps(o, JSON_PRESERVE_ORDER | JSON_INDENT(2) | JSON_REAL_PRECISION(15));
 
     if (s != NULL) {
         printf("%s\n", s);

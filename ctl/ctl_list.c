@@ -383,7 +383,7 @@ static void ctl_list_text(const struct ctl_row *rows, size_t n, int64_t now, boo
 {
     static const char *const where_text[] = {
         [CTL_IN_FLIGHT] = "in-flight", [CTL_READY] = "ready", [CTL_RETRY] = "retry"};
-    int wid = 2, wfrom = 4, wroute = 10;
+    int wid = 2, wfrom = 4;
     char **from = xcalloc(n ? n : 1, sizeof(char *));
     char **routes = xcalloc(n ? n : 1, sizeof(char *));
 
@@ -398,8 +398,6 @@ static void ctl_list_text(const struct ctl_row *rows, size_t n, int64_t now, boo
             wid = l;
         if ((l = (int)strlen(from[i])) > wfrom)
             wfrom = l;
-        if ((l = (int)strlen(routes[i])) > wroute)
-            wroute = l;
     }
     printf("%-*s  %7s  %-9s  %-12s  %-*s  %7s  %s\n", wid, "ID", "AGE", "WHERE", "NEXT ATTEMPT",
            wfrom, "FROM", "RCPTS", "LAST ROUTE");
@@ -729,20 +727,21 @@ static int ctl_history(struct ctl *c, const char *id, int64_t created, long long
     if (created > CTL_CLOCK_SKEW_MS)
         snprintf(start, sizeof(start), "%" PRId64, created - CTL_CLOCK_SKEW_MS);
     for (;;) {
+        long long want = scan - h->scanned < CTL_WALK_PAGE ? scan - h->scanned : CTL_WALK_PAGE;
+        char count[32];
         redisReply *r;
-        if (h->scanned >= scan)
+
+        if (want <= 0)
             break;
-        r = ctl_redis_ok(c, "XREVRANGE", events, end, start, "COUNT", CTL_WALK_PAGE_S, NULL);
+        snprintf(count, sizeof(count), "%lld", want);
+        r = ctl_redis_ok(c, "XREVRANGE", events, end, start, "COUNT", count, NULL);
         if (r == NULL) {
             rc = CTL_EXIT_RUNTIME;
             break;
         }
-        if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < (size_t)want)
             h->complete = true;
-            freeReplyObject(r);
-            break;
-        }
-        for (size_t i = 0; i < r->elements && h->scanned < scan; i++) {
+        for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
             const redisReply *e = r->element[i], *f;
             struct ctl_event *ev;
             if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
@@ -750,8 +749,6 @@ static int ctl_history(struct ctl *c, const char *id, int64_t created, long long
                 continue;
             snprintf(end, sizeof(end), "(%s", e->element[0]->str);
             h->scanned++;
-            if (i + 1 == r->elements && r->elements < CTL_WALK_PAGE)
-                h->complete = true;
             f = ctl_reply_field(e->element[1], SCHEMA_F_ID);
             if (f == NULL || f->type != REDIS_REPLY_STRING || strcmp(f->str, id) != 0)
                 continue;
@@ -775,12 +772,9 @@ static int ctl_history(struct ctl *c, const char *id, int64_t created, long long
             ev->latency = ctl_event_field(e->element[1], "latency_ms");
             ev->attempt = ctl_event_field(e->element[1], "attempt");
         }
-        if (r->elements < CTL_WALK_PAGE) {
-            h->complete = true;
-            freeReplyObject(r);
-            break;
-        }
         freeReplyObject(r);
+        if (h->complete)
+            break;
     }
     free(events);
     return rc;
@@ -812,8 +806,8 @@ static void ctl_status_text(const struct ctl_status *st, const struct ctl_msg *m
     } else if (st->found) {
         snprintf(out, n, "ready: waiting for a router");
     } else if (st->dead) {
-        snprintf(out, n, "dead: %s (mailferryctl dead requeue %s)", ctl_dash(st->dead_reason),
-                 m->id);
+        snprintf(out, n, "dead: %s; to try again: mailferryctl dead requeue %s",
+                 ctl_dash(st->dead_reason), m->id);
     } else if (ctl_msg_open(m) == 0) {
         snprintf(out, n, "finished, not in the queue");
     } else if (st->complete) {

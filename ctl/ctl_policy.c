@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lib/buf.h"
 #include "lib/schema.h"
 #include "lib/xmalloc.h"
 #include "router/policy.h"
@@ -531,6 +532,23 @@ static int ctl_prepare(struct ctl *c, struct policy_config **base, char **hkey)
     return 0;
 }
 
+/* ctl_set_once() until no other writer intervened, at most
+ * CTL_POLICY_ATTEMPTS times. Returns a CTL_EXIT_* code. */
+static int ctl_set_retry(struct ctl *c, const struct policy_config *base, const char *hkey,
+                         struct ctl_change *ch, size_t n)
+{
+    int rc = -1;
+
+    for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
+        rc = ctl_set_once(c, base, hkey, ch, n);
+    if (rc == -1) {
+        ctl_error("%s changed during each of %d attempts; nothing written, try again", hkey,
+                  CTL_POLICY_ATTEMPTS);
+        rc = CTL_EXIT_RUNTIME;
+    }
+    return rc;
+}
+
 int ctl_policy_set(struct ctl *c, size_t n, const char **keys, const char **values)
 {
     struct policy_config *base = NULL;
@@ -541,16 +559,8 @@ int ctl_policy_set(struct ctl *c, size_t n, const char **keys, const char **valu
     rc = ctl_changes_new(n, keys, values, &ch);
     if (rc == 0)
         rc = ctl_prepare(c, &base, &hkey);
-    if (rc == 0) {
-        rc = -1;
-        for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
-            rc = ctl_set_once(c, base, hkey, ch, n);
-        if (rc == -1) {
-            ctl_error("%s changed during each of %d attempts; nothing written, try again",
-                      hkey, CTL_POLICY_ATTEMPTS);
-            rc = CTL_EXIT_RUNTIME;
-        }
-    }
+    if (rc == 0)
+        rc = ctl_set_retry(c, base, hkey, ch, n);
     for (size_t i = 0; rc == CTL_EXIT_OK && i < n; i++)
         printf("%s = %s (applied by routers within %d ms)\n", ch[i].canon, ch[i].written,
                c->cfg.router.policy_refresh);
@@ -664,6 +674,23 @@ out:
     return rc;
 }
 
+/* ctl_reset_once() until no other writer intervened, at most
+ * CTL_POLICY_ATTEMPTS times. Returns a CTL_EXIT_* code. */
+static int ctl_reset_retry(struct ctl *c, const struct policy_config *base, const char *hkey,
+                           struct ctl_change *ch, size_t n)
+{
+    int rc = -1;
+
+    for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
+        rc = ctl_reset_once(c, base, hkey, ch, n);
+    if (rc == -1) {
+        ctl_error("%s changed during each of %d attempts; nothing removed, try again", hkey,
+                  CTL_POLICY_ATTEMPTS);
+        rc = CTL_EXIT_RUNTIME;
+    }
+    return rc;
+}
+
 int ctl_policy_reset(struct ctl *c, size_t n, const char **keys)
 {
     struct policy_config *base = NULL;
@@ -687,14 +714,7 @@ int ctl_policy_reset(struct ctl *c, size_t n, const char **keys)
         rc = ctl_prepare(c, &base, &hkey);
     if (rc == 0) {
         ctl_rows_collect(base, &base_rows);
-        rc = -1;
-        for (int attempt = 0; attempt < CTL_POLICY_ATTEMPTS && rc == -1; attempt++)
-            rc = ctl_reset_once(c, base, hkey, ch, n);
-        if (rc == -1) {
-            ctl_error("%s changed during each of %d attempts; nothing removed, try again",
-                      hkey, CTL_POLICY_ATTEMPTS);
-            rc = CTL_EXIT_RUNTIME;
-        }
+        rc = ctl_reset_retry(c, base, hkey, ch, n);
     }
     for (size_t i = 0; rc == CTL_EXIT_OK && i < n; i++) {
         if (ch[i].matching > 0)
@@ -709,5 +729,160 @@ int ctl_policy_reset(struct ctl *c, size_t n, const char **keys)
     ctl_changes_free(ch, n);
     free(hkey);
     policy_config_free(base);
+    return rc;
+}
+
+/* ---- the effective policy ------------------------------------------------- */
+
+struct policy_config *ctl_policy_effective(struct ctl *c, int *rc)
+{
+    struct policy_config *base, *eff;
+    struct ctl_live live;
+    char *hkey, err[1024];
+
+    base = ctl_base(c);
+    if (base == NULL) {
+        *rc = CTL_EXIT_USAGE;
+        return NULL;
+    }
+    *rc = ctl_redis_connect(c);
+    if (*rc != 0) {
+        policy_config_free(base);
+        return NULL;
+    }
+    hkey = ctl_key(c, SCHEMA_POLICY);
+    *rc = ctl_live_read(c, hkey, &live);
+    if (*rc != 0) {
+        free(hkey);
+        policy_config_free(base);
+        return NULL;
+    }
+    eff = ctl_overlay(base, &live, NULL, 0, false, NULL, err, sizeof(err));
+    if (eff == NULL) {
+        ctl_error("warning: routers reject the live overrides in %s: %s; showing the file's "
+                  "policy (routers keep the last policy they accepted)", hkey, err);
+        eff = base;
+        base = NULL;
+    }
+    ctl_live_free(&live);
+    policy_config_free(base);
+    free(hkey);
+    return eff;
+}
+
+/* ---- route suspend and resume ----------------------------------------------- */
+
+/* Checks that name is a route of the file's policy. Returns 0, or
+ * CTL_EXIT_USAGE after naming the routes there are. */
+static int ctl_route_known(const struct policy_config *base, const char *name)
+{
+    size_t n = policy_route_count(base);
+    struct buf list = BUF_INIT;
+
+    if (policy_route_find(base, name) >= 0)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        struct policy_route_info info;
+        policy_route_info(base, i, &info);
+        buf_appendf(&list, "%s%s", i ? ", " : "", info.name);
+    }
+    ctl_error("no route named \"%s\" (routes in %s: %s)", name, "the configuration file",
+              list.data ? list.data : "none");
+    buf_free(&list);
+    return CTL_EXIT_USAGE;
+}
+
+/* Prints the outcome of route suspend / resume: the route's enabled value
+ * now and where it comes from. */
+static void ctl_route_print(const struct ctl *c, const char *route, bool suspend,
+                            bool already, const struct ctl_change *ch, const char *source)
+{
+    bool enabled = strcmp(ch->written, "yes") == 0;
+
+    if (c->json) {
+        json_t *o = json_object();
+        json_object_set_new(o, "route", ctl_json_string(route));
+        json_object_set_new(o, "enabled", json_boolean(enabled));
+        json_object_set_new(o, "source", json_string(source));
+        json_object_set_new(o, "changed",
+                            json_boolean(suspend ? !already : ch->matching > 0));
+        json_object_set_new(o, "applied_within_ms", json_integer(c->cfg.router.policy_refresh));
+        ctl_json_print(o);
+        return;
+    }
+    if (suspend && already)
+        printf("route %s was suspended already: %s = no (live)\n", route, ch->canon);
+    else if (suspend)
+        printf("route %s suspended: %s = no (live); within %d ms routers send nothing through "
+               "it: its mail overflows to the next route or is held\n", route, ch->canon,
+               c->cfg.router.policy_refresh);
+    else if (enabled && ch->matching > 0)
+        printf("route %s resumed: %s = yes (%s value); routers use it again within %d ms\n",
+               route, ch->canon, source, c->cfg.router.policy_refresh);
+    else if (enabled)
+        printf("route %s was not suspended: %s = yes (%s value)\n", route, ch->canon, source);
+    else
+        printf("route %s stays disabled: %s, but the configuration file sets %s = no "
+               "(change the file, or: mailferryctl policy set %s yes)\n", route,
+               ch->matching > 0 ? "removed the live override" : "there was no live override",
+               ch->canon, ch->canon);
+}
+
+int ctl_route_suspend(struct ctl *c, const char *name, bool suspend)
+{
+    struct policy_config *base = NULL;
+    struct ctl_change *ch = NULL;
+    struct ctl_rows base_rows = {0};
+    const char *keys[1], *values[1] = {"no"};
+    char *hkey = NULL, *route = ctl_canon_key(name);
+    struct buf key = BUF_INIT;
+    const char *source = "live";
+    bool already = false;
+    int rc;
+
+    buf_appendf(&key, "route.%s.enabled", route);
+    keys[0] = key.data;
+    base = ctl_base(c);
+    if (base == NULL) {
+        rc = CTL_EXIT_USAGE;
+        goto out;
+    }
+    rc = ctl_route_known(base, route);
+    if (rc != 0)
+        goto out;
+    rc = ctl_changes_new(1, keys, suspend ? values : NULL, &ch);
+    if (rc != 0)
+        goto out;
+    rc = ctl_redis_connect(c);
+    if (rc != 0)
+        goto out;
+    hkey = ctl_key(c, SCHEMA_POLICY);
+    if (suspend) {
+        /* Setting it again is harmless (and spells the field canonically);
+         * only the message differs. */
+        redisReply *r = ctl_redis_ok(c, "HGET", hkey, ch[0].canon, NULL);
+        if (r == NULL) {
+            rc = CTL_EXIT_RUNTIME;
+            goto out;
+        }
+        already = r->type == REDIS_REPLY_STRING && strcmp(r->str, "no") == 0;
+        freeReplyObject(r);
+        rc = ctl_set_retry(c, base, hkey, ch, 1);
+    } else {
+        rc = ctl_reset_retry(c, base, hkey, ch, 1);
+        ctl_rows_collect(base, &base_rows);
+        source = ctl_file_source(&base_rows, ch[0].canon);
+    }
+    if (rc == CTL_EXIT_OK)
+        ctl_route_print(c, route, suspend, already, &ch[0], source);
+
+out:
+    ctl_rows_free(&base_rows);
+    if (ch != NULL)
+        ctl_changes_free(ch, 1);
+    free(hkey);
+    policy_config_free(base);
+    buf_free(&key);
+    free(route);
     return rc;
 }

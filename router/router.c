@@ -22,6 +22,7 @@ struct router_route {
     struct transport *t;
     int healthy;
     char why[128];
+    int reported;                 /* health written to Redis since start */
     int closed;
 };
 
@@ -474,8 +475,11 @@ static void router_update_health(struct router *r)
         if (rt->t == NULL || rt->closed)
             continue;
         h = rt->ops->health(rt->t, why, sizeof(why));
-        if (h == rt->healthy && strcmp(why, rt->why) == 0)
+        /* The first check is always recorded, so that health:<route> does
+         * not keep what a previous life of the router saw. */
+        if (rt->reported && h == rt->healthy && strcmp(why, rt->why) == 0)
             continue;
+        rt->reported = 1;
         policy_route_info(r->live, i, &info);
         if (h != rt->healthy)
             log_warn("event=route_health route=%s healthy=%s reason=\"%s\"", info.name,

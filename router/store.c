@@ -102,6 +102,9 @@ static const char store_lua_cas[] =
     "redis.call('SET', KEYS[1], ARGV[2])\n"
     "return 1\n";
 
+struct cmds;
+static void store_ack_cmds(struct store *s, struct cmds *c, const char *stream_id);
+
 /* ---- small helpers ------------------------------------------------------- */
 
 /* prefix + formatted rest, in a fresh string the caller frees. */
@@ -580,11 +583,10 @@ void store_depth(struct store *s, store_depth_cb cb, void *arg)
 
 void store_ack(struct store *s, const char *stream_id)
 {
-    char *ready = store_key(s, SCHEMA_READY);
+    struct cmds c = {0};
 
-    redis_commandf(s->cmd, store_on_ignore, (void *)"ack", "XACK %s %s %s", ready, SCHEMA_GROUP,
-                   stream_id);
-    free(ready);
+    store_ack_cmds(s, &c, stream_id);
+    cmds_multi(s, &c, store_on_ignore, (void *)"ack");
 }
 
 /* ---- messages -------------------------------------------------------------- */
@@ -1305,6 +1307,22 @@ void store_record(struct store *s, const struct store_msg *m, const struct store
     cmds_multi(s, &c, store_on_done, store_done_new(cb, arg, "record"));
 }
 
+/* Acknowledges a stream entry and deletes it: the stream holds only
+ * entries still to be routed, so it does not grow without bound (a message
+ * waiting for its retry is in <prefix>retry, not in the stream). */
+static void store_ack_cmds(struct store *s, struct cmds *c, const char *stream_id)
+{
+    cmds_begin(c);
+    cmds_arg(c, "XACK");
+    cmds_keyf(c, s, SCHEMA_READY);
+    cmds_arg(c, SCHEMA_GROUP);
+    cmds_arg(c, stream_id);
+    cmds_begin(c);
+    cmds_arg(c, "XDEL");
+    cmds_keyf(c, s, SCHEMA_READY);
+    cmds_arg(c, stream_id);
+}
+
 /* HSET of every recipient state marked dirty. */
 static void store_dirty_cmds(struct store *s, struct cmds *c, const struct store_msg *m)
 {
@@ -1340,11 +1358,7 @@ void store_finish_retry(struct store *s, const struct store_msg *m, const char *
     cmds_keyf(&c, s, SCHEMA_RETRY);
     cmds_argf(&c, "%" PRId64, due_ms);
     cmds_arg(&c, m->id);
-    cmds_begin(&c);
-    cmds_arg(&c, "XACK");
-    cmds_keyf(&c, s, SCHEMA_READY);
-    cmds_arg(&c, SCHEMA_GROUP);
-    cmds_arg(&c, stream_id);
+    store_ack_cmds(s, &c, stream_id);
     cmds_multi(s, &c, store_on_done, store_done_new(cb, arg, "finish_retry"));
 }
 
@@ -1377,10 +1391,6 @@ void store_finish_done(struct store *s, const struct store_msg *m, const char *s
     cmds_arg(&c, "ZREM");
     cmds_keyf(&c, s, SCHEMA_RETRY);
     cmds_arg(&c, m->id);
-    cmds_begin(&c);
-    cmds_arg(&c, "XACK");
-    cmds_keyf(&c, s, SCHEMA_READY);
-    cmds_arg(&c, SCHEMA_GROUP);
-    cmds_arg(&c, stream_id);
+    store_ack_cmds(s, &c, stream_id);
     cmds_multi(s, &c, store_on_done, store_done_new(cb, arg, "finish_done"));
 }

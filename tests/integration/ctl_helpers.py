@@ -155,3 +155,80 @@ def decode(v):
 def hgetall(r, key):
     flat = r("HGETALL", key)
     return {decode(flat[i]): decode(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+# -- writing queue state the way gateway and router write it ----------------
+# (docs/queue.md, lib/queue.c, router/store.c)
+
+_id_counter = iter(range(1, 1 << 30))
+
+
+def queue_id(ms=None):
+    """A queue id: 12 hex digits of the time in ms, then 10 more."""
+    if ms is None:
+        ms = int(time.time() * 1000)
+    return "%012x%010x" % (ms, next(_id_counter))
+
+
+def rcpt_state(s, code=0, enh="", text=None, route=None, remote=None, t=0, n=0, b=False):
+    """The JSON of field st:<i>, as router/store.c store_rcpt_json() writes
+    it (compact, same key order)."""
+    o = {"s": s, "code": code, "enh": enh}
+    if text is not None:
+        o["text"] = text
+    if route is not None:
+        o["route"] = route
+    if remote is not None:
+        o["remote"] = remote
+    o["t"] = t
+    o["n"] = n
+    if b:
+        o["b"] = True
+    return json.dumps(o, separators=(",", ":"))
+
+
+def write_msg(r, prefix, qid, sender, rcpts, created, states=None, attempts=None,
+              next_attempt=None, cls="", auth_user="", data=b"Subject: t\r\n\r\nbody\r\n"):
+    """HSET msg:<qid> with the gateway's ten fields, plus the router's
+    attempts / next_attempt and st:<i> fields when given."""
+    fields = ["from", sender, "rcpts", json.dumps(rcpts, separators=(",", ":")),
+              "data", data, "size", str(len(data)), "created", str(created),
+              "client_ip", "192.0.2.7", "helo", "client.test", "auth_user", auth_user,
+              "class", cls, "gateway", "gw.test"]
+    if attempts is not None:
+        fields += ["attempts", str(attempts)]
+    if next_attempt is not None:
+        fields += ["next_attempt", str(next_attempt)]
+    for i, st in (states or {}).items():
+        fields += ["st:%d" % i, st]
+    r("HSET", prefix + "msg:" + qid, *fields)
+
+
+def add_event(r, prefix, qid, rcpt, route, result, code, enh="", text="", remote="",
+              reason="primary", latency_ms=12, attempt=1):
+    """XADD events, the fields of router/store.c store_record()."""
+    return decode(r("XADD", prefix + "events", "*", "id", qid, "rcpt", rcpt, "route", route,
+                    "reason", reason, "result", result, "code", str(code), "enh", enh,
+                    "text", text, "remote", remote, "latency_ms", str(latency_ms),
+                    "attempt", str(attempt)))
+
+
+def add_dead(r, prefix, qid, sender, reason="failed, no bounce (null sender or a bounce)"):
+    """XADD dead, as router/store.c store_finish_done() writes it."""
+    return decode(r("XADD", prefix + "dead", "*", "id", qid, "reason", reason, "from", sender))
+
+
+def parse_rows(text, header_first):
+    """The rows of a table whose header line starts with header_first:
+    lists of the blank-separated words of each line up to the first empty
+    line."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.split()[:1] == [header_first]:
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.strip() or row.startswith("("):
+                    break
+                rows.append(row.split())
+            return rows
+    raise AssertionError("no table with header %r in:\n%s" % (header_first, text))
