@@ -1,7 +1,7 @@
 /*
  * mailferry: one daemon binary, roles as subcommands.
  *
- *   mailferry [--config FILE] [--check-config] gateway|router|all
+ *   mailferry [--config FILE] [--check-config] gateway|router|all|relay
  *   mailferry --check-config --config FILE
  *
  * Signals: SIGTERM/SIGINT stop gracefully (exit 0), SIGHUP reloads TLS
@@ -24,6 +24,7 @@
 #include "lib/log.h"
 #include "lib/metrics.h"
 #include "lib/queue.h"
+#include "relay/relay.h"
 #include "router/router.h"
 
 struct mf_main {
@@ -32,6 +33,7 @@ struct mf_main {
     struct queue *queue;
     struct gateway *gateway;
     struct router *router;
+    struct relay *relay;
     struct admin *admin;
     uv_signal_t sigterm, sigint, sighup;
     int stopping;
@@ -47,6 +49,8 @@ static void usage(FILE *f)
             "  gateway   SMTP front end: accepts mail into the Redis queue\n"
             "  router    delivers queued mail through the configured routes\n"
             "  all       gateway and router in one process\n"
+            "  relay     tunnel endpoint on the physical host: delivers to recipient MX\n"
+            "            hosts (docs/relay.md)\n"
             "options:\n"
             "  --config FILE    configuration file (INI); MAILFERRY_<SECTION>_<KEY>\n"
             "                   environment variables override it\n"
@@ -119,6 +123,16 @@ static int main_check_router_redis(void *arg, char *why, size_t n)
     return 0;
 }
 
+static int main_check_relay_listeners(void *arg, char *why, size_t n)
+{
+    const struct mf_main *m = arg;
+
+    if (m->relay && relay_listening(m->relay) > 0)
+        return 1;
+    snprintf(why, n, "no tunnel listener open");
+    return 0;
+}
+
 /* Starts the admin endpoint when [admin] listen is set. */
 static int main_start_admin(struct mf_main *m, char *err, size_t errlen)
 {
@@ -134,6 +148,8 @@ static int main_start_admin(struct mf_main *m, char *err, size_t errlen)
     }
     if (m->router)
         admin_add_check(m->admin, "router_redis", main_check_router_redis, m);
+    if (m->relay)
+        admin_add_check(m->admin, "relay_listeners", main_check_relay_listeners, m);
     return 0;
 }
 
@@ -160,6 +176,15 @@ static void main_router_done(void *arg)
     main_part_done(m);
 }
 
+static void main_relay_done(void *arg)
+{
+    struct mf_main *m = arg;
+
+    relay_free(m->relay);
+    m->relay = NULL;
+    main_part_done(m);
+}
+
 static void main_on_signal(uv_signal_t *h, int signum)
 {
     struct mf_main *m = h->data;
@@ -168,6 +193,8 @@ static void main_on_signal(uv_signal_t *h, int signum)
         log_info("event=signal signal=HUP");
         if (m->gateway)
             gateway_reload(m->gateway);
+        if (m->relay)
+            relay_reload(m->relay);
         return;
     }
     log_info("event=signal signal=%s", signum == SIGTERM ? "TERM" : "INT");
@@ -178,10 +205,12 @@ static void main_on_signal(uv_signal_t *h, int signum)
         gateway_shutdown(m->gateway, main_gateway_done, m);
     if (m->router)
         router_shutdown(m->router, main_router_done, m);
+    if (m->relay)
+        relay_shutdown(m->relay, main_relay_done, m);
 }
 
 /* Runs the roles on one loop until SIGTERM/SIGINT has stopped them all. */
-static int main_run(struct mf_main *m, int gateway, int router, const char *role)
+static int main_run(struct mf_main *m, int gateway, int router, int relay, const char *role)
 {
     char err[1024];
 
@@ -203,6 +232,14 @@ static int main_run(struct mf_main *m, int gateway, int router, const char *role
         }
         m->parts++;
     }
+    if (relay) {
+        m->relay = relay_new(m->loop, &m->cfg, err, sizeof(err));
+        if (m->relay == NULL) {
+            fprintf(stderr, "mailferry: %s\n", err);
+            return 1;
+        }
+        m->parts++;
+    }
     if (main_start_admin(m, err, sizeof(err)) != 0) {
         fprintf(stderr, "mailferry: %s\n", err);
         return 1;
@@ -214,7 +251,11 @@ static int main_run(struct mf_main *m, int gateway, int router, const char *role
     uv_signal_start(&m->sigterm, main_on_signal, SIGTERM);
     uv_signal_start(&m->sigint, main_on_signal, SIGINT);
     uv_signal_start(&m->sighup, main_on_signal, SIGHUP);
-    log_info("event=start role=%s redis=%s:%d", role, m->cfg.queue.url.host, m->cfg.queue.url.port);
+    if (gateway || router)
+        log_info("event=start role=%s redis=%s:%d", role, m->cfg.queue.url.host,
+                 m->cfg.queue.url.port);
+    else
+        log_info("event=start role=%s", role);
     uv_run(m->loop, UV_RUN_DEFAULT);
     /* Anything still open (there should be nothing) is closed so that the
      * loop can be released without leaks. */
@@ -269,7 +310,7 @@ int main(int argc, char **argv)
         }
     }
     if (role && strcmp(role, "gateway") != 0 && strcmp(role, "router") != 0 &&
-        strcmp(role, "all") != 0) {
+        strcmp(role, "all") != 0 && strcmp(role, "relay") != 0) {
         fprintf(stderr, "mailferry: unknown role %s\n", role);
         usage(stderr);
         return 2;
@@ -291,8 +332,11 @@ int main(int argc, char **argv)
     }
     int gw = role == NULL || strcmp(role, "gateway") == 0 || strcmp(role, "all") == 0;
     int rt = role ? strcmp(role, "router") == 0 || strcmp(role, "all") == 0 : main_has_routes(&m.cfg);
+    /* --check-config without a role checks the relay when it is set up. */
+    int rl = role ? strcmp(role, "relay") == 0 : m.cfg.relay.listen != NULL;
     if ((gw && gateway_check(&m.cfg, err, sizeof(err)) != 0) ||
-        (rt && router_check(&m.cfg, err, sizeof(err)) != 0)) {
+        (rt && router_check(&m.cfg, err, sizeof(err)) != 0) ||
+        (rl && relay_check(&m.cfg, err, sizeof(err)) != 0)) {
         fprintf(stderr, "mailferry: %s\n", err);
         config_free(&m.cfg);
         return 1;
@@ -302,7 +346,7 @@ int main(int argc, char **argv)
         config_free(&m.cfg);
         return 0;
     }
-    rc = main_run(&m, gw, rt, role);
+    rc = main_run(&m, gw, rt, rl, role);
     config_free(&m.cfg);
     return rc;
 }

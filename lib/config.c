@@ -173,6 +173,33 @@ static const struct cfg_row cfg_rows[] = {
     STR("dns", "relay_hostname", NULL, dns.relay_hostname, check_domain, 0),
     STR("dns", "dnsbl_zones", "zen.spamhaus.org,bl.spamcop.net", dns.dnsbl_zones, NULL, 0),
     STR("dns", "spf_includes", NULL, dns.spf_includes, NULL, 0),
+
+    STR("relay", "listen", NULL, relay.listen, check_listen, 0),
+    STR("relay", "tls_cert", NULL, relay.tls_cert, NULL, 0),
+    STR("relay", "tls_key", NULL, relay.tls_key, NULL, 0),
+    STR("relay", "tunnel_ca", NULL, relay.tunnel_ca, NULL, 0),
+    STR("relay", "pinned_clients", NULL, relay.pinned_clients, NULL, 0),
+    STR("relay", "helo_name", NULL, relay.helo_name, check_hostname, 0),
+    STR("relay", "public_ip", NULL, relay.public_ip, check_ip_list, 0),
+    STR("relay", "source_address", NULL, relay.source_address, check_ip_list, 0),
+    STR("relay", "resolver", NULL, relay.resolver, NULL, 0),
+    INT("relay", "mx_port", "25", 1, 65535, relay.mx_port),
+    INT("relay", "mx_max_connections_per_domain", "10", 1, 1000,
+        relay.mx_max_connections_per_domain),
+    INT("relay", "mx_idle_timeout", "30", 1, 3600, relay.mx_idle_timeout),
+    INT("relay", "mx_connect_timeout", "30", 1, 300, relay.mx_connect_timeout),
+    BOOL("relay", "mx_tls_verify", "no", relay.mx_tls_verify),
+    STR("relay", "mx_ca_file", NULL, relay.mx_ca_file, NULL, 0),
+    INT("relay", "check_interval", "300", 1, 86400, relay.check_interval),
+    STR("relay", "dnsbl_zones", "zen.spamhaus.org,bl.spamcop.net,b.barracudacentral.org",
+        relay.dnsbl_zones, NULL, 0),
+    STR("relay", "spf_domains", NULL, relay.spf_domains, NULL, 0),
+    SIZE("relay", "max_message_size", "33554432", 1024, 2147483647LL, relay.max_message_size),
+    INT("relay", "max_recipients", "1000", 1, 100000, relay.max_recipients),
+    INT("relay", "max_connections", "1000", 1, 1000000, relay.max_connections),
+    INT("relay", "idle_timeout", "300", 1, 86400, relay.idle_timeout),
+    INT("relay", "data_timeout", "180", 1, 86400, relay.data_timeout),
+    INT("relay", "shutdown_grace", "30", 0, 3600, relay.shutdown_grace),
 };
 
 #undef F
@@ -1109,6 +1136,8 @@ static int check_listen(struct mf_config *cfg, const struct cfg_row *r, char *wh
 
     if (r->off == offsetof(struct mf_config, admin.listen))
         out = &cfg->admin.listen_addrs;
+    else if (r->off == offsetof(struct mf_config, relay.listen))
+        out = &cfg->relay.listen_addrs;
     else if (r->off == offsetof(struct mf_config, gateway.listen))
         out = &cfg->gateway.listen_addrs;
     else if (r->off == offsetof(struct mf_config, gateway.listen_submission))
@@ -1420,6 +1449,7 @@ void config_free(struct mf_config *cfg)
     free(cfg->gateway.submission_addrs.v);
     free(cfg->gateway.tls_addrs.v);
     free(cfg->admin.listen_addrs.v);
+    free(cfg->relay.listen_addrs.v);
     cidr_list_free(&cfg->gateway.allowed);
     for (size_t i = 0; i < cfg->nnamed; i++) {
         free(cfg->named[i].kind);

@@ -135,6 +135,36 @@ struct mf_config {
         char *spf_includes;           /* comma list of SPF include: domains */
     } dns;
 
+    /* The relay role: the tunnel endpoint that delivers to recipient MX
+     * hosts (relay/relay.h, docs/relay.md). */
+    struct {
+        char *listen;                 /* tunnel listeners (mutual TLS) */
+        struct config_addr_list listen_addrs;
+        char *tls_cert;               /* the relay's server certificate */
+        char *tls_key;
+        char *tunnel_ca;              /* CA that issues router certificates */
+        char *pinned_clients;         /* "sha256:<hex>,..." or NULL */
+        char *helo_name;              /* EHLO name; default gethostname() */
+        char *public_ip;              /* the address mail leaves from */
+        char *source_address;         /* bind addresses for MX connections */
+        char *resolver;               /* "ip[:port],..."; NULL: system */
+        int mx_port;
+        int mx_max_connections_per_domain;
+        int mx_idle_timeout;          /* seconds */
+        int mx_connect_timeout;       /* seconds */
+        int mx_tls_verify;
+        char *mx_ca_file;
+        int check_interval;           /* seconds between self-checks */
+        char *dnsbl_zones;
+        char *spf_domains;
+        long long max_message_size;
+        int max_recipients;
+        int max_connections;
+        int idle_timeout;             /* seconds */
+        int data_timeout;             /* seconds */
+        int shutdown_grace;           /* seconds */
+    } relay;
+
     struct config_named *named;
     size_t nnamed;
 };

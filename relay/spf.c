@@ -37,12 +37,6 @@ enum spf_kind {
     K_REDIRECT, K_EXP, K_UNKNOWN_MOD,
 };
 
-static const char *const spf_kind_names[] = {
-    [K_ALL] = "all", [K_INCLUDE] = "include", [K_A] = "a", [K_MX] = "mx", [K_PTR] = "ptr",
-    [K_IP4] = "ip4", [K_IP6] = "ip6", [K_EXISTS] = "exists", [K_REDIRECT] = "redirect",
-    [K_EXP] = "exp", [K_UNKNOWN_MOD] = "modifier",
-};
-
 struct spf_term {
     enum spf_kind kind;
     enum spf_result qual;         /* result when a mechanism matches */
@@ -158,7 +152,8 @@ static void spf_abort(struct spf *e, enum spf_result r, const char *why)
         spf_frame_clear(&e->stack[--e->depth]);
     e->done = 1;
     e->result = r;
-    snprintf(e->why, sizeof(e->why), "%s", why);
+    if (why != e->why)
+        snprintf(e->why, sizeof(e->why), "%s", why);
 }
 
 /* The top frame has its result; pass it to the frame below. */
@@ -599,12 +594,17 @@ static int spf_parse_record(struct spf_frame *f, const char *rec, size_t len)
 static int spf_push(struct spf *e, const char *domain)
 {
     struct spf_frame *f;
+    size_t n;
 
     if (e->depth == SPF_MAX_DEPTH)
         return -1;
+    n = strnlen(domain, SPF_NAME_MAX);
     f = &e->stack[e->depth++];
     memset(f, 0, sizeof(*f));
-    snprintf(f->domain, sizeof(f->domain), "%s", domain);
+    /* domain may be the target of the frame below; memmove states that
+     * the two may not be assumed apart. */
+    memmove(f->domain, domain, n);
+    f->domain[n] = '\0';
     f->phase = P_START;
     return 0;
 }
