@@ -404,7 +404,10 @@ void api_outcome_throttle(struct api_outcome *o, const struct api_response *r,
         o->retry_after_ms = ms;
         snprintf(wait, sizeof(wait), "; retry after %" PRId64 " s", (ms + 999) / 1000);
     }
-    api_outcome_set(o, API_TEMP, 451, "4.7.0", "%s HTTP %ld: too many requests%s%s%s", provider,
+    /* "rate limited" is in the default throttle.patterns of the policy
+     * (docs/policy.md): every API rate limit reads as a throttle, whatever
+     * words the provider chose. */
+    api_outcome_set(o, API_TEMP, 451, "4.7.0", "%s HTTP %ld: rate limited%s%s%s", provider,
                     r->status, d[0] ? ": " : "", d, wait);
 }
 
@@ -922,15 +925,17 @@ static int api_in_list(const char *a, char *const *v, size_t n)
     return 0;
 }
 
-static void api_queue_req(struct api_transport *t, struct api_send *s, const size_t *idx,
-                          const enum api_role *role, size_t n)
+static void api_plan_add(struct api_plan *pl, const size_t *idx, const enum api_role *role,
+                         size_t n)
 {
-    struct api_req *r = xcalloc(1, sizeof(*r));
+    struct api_plan_req *q;
     size_t o = 0;
     int any_to = 0;
 
-    r->send = s;
-    r->idx = xcalloc(n, sizeof(size_t));
+    pl->reqs = xrealloc(pl->reqs, (pl->nreqs + 1) * sizeof(*pl->reqs));
+    q = &pl->reqs[pl->nreqs++];
+    q->idx = xcalloc(n, sizeof(size_t));
+    q->n = n;
     for (size_t i = 0; i < n; i++)
         any_to |= role[idx[i]] == ROLE_TO;
     /* Without a To recipient, the Cc ones move to To (the APIs require a
@@ -941,62 +946,42 @@ static void api_queue_req(struct api_transport *t, struct api_send *s, const siz
             int want = ro == ROLE_HIDDEN ? 2 : (ro == ROLE_TO || !any_to) ? 0 : 1;
 
             if (want == pass)
-                r->idx[o++] = idx[i];
+                q->idx[o++] = idx[i];
         }
         if (pass == 0)
-            r->nto = o;
+            q->nto = o;
         else if (pass == 1)
-            r->ncc = o - r->nto;
+            q->ncc = o - q->nto;
     }
-    r->n = n;
-    s->reqs_left++;
-    if (t->qtail != NULL)
-        t->qtail->next = r;
-    else
-        t->qhead = r;
-    t->qtail = r;
-    t->nqueued++;
 }
 
-/*
- * Splits a send into requests. Recipients equal to an earlier one
- * (case-insensitively) are not sent twice; they share its result.
- *
- * Raw providers carry the message unchanged: recipients in message order,
- * max_rcpts per request.
- *
- * JSON providers rebuild the message and show every recipient of a
- * request in its To or Cc field, so a recipient the original message
- * shows nowhere (a Bcc) must never sit in a request with one who would see
- * it. Recipients named in the To field go to To, those in the Cc field to
- * Cc, the others to Bcc; visible ones are ordered first. A chunk made only
- * of hidden recipients becomes one request per recipient, each the sole
- * To of its own copy.
- */
-static void api_plan(struct api_transport *t, struct api_send *s)
+void api_plan_rcpts(const struct api_provider *p, const char *const *rcpts, size_t n,
+                    const struct mime_parts *parts, struct api_plan *pl)
 {
-    size_t n = s->msg.nrcpts, nu = 0, max = t->cfg.provider->max_rcpts;
+    size_t nu = 0, max = p->max_rcpts;
     size_t *order = xcalloc(n ? n : 1, sizeof(size_t));
     enum api_role *role = xcalloc(n ? n : 1, sizeof(*role));
-    int json = t->cfg.provider->json;
+    int json = p->json && parts != NULL;
 
+    memset(pl, 0, sizeof(*pl));
+    pl->alias = xcalloc(n ? n : 1, sizeof(size_t));
     for (size_t i = 0; i < n; i++) {
-        s->alias[i] = i;
+        pl->alias[i] = i;
         for (size_t j = 0; j < i; j++) {
-            if (strcasecmp(s->rcpts[i], s->rcpts[j]) == 0) {
-                s->alias[i] = s->alias[j];
+            if (strcasecmp(rcpts[i], rcpts[j]) == 0) {
+                pl->alias[i] = pl->alias[j];
                 break;
             }
         }
         role[i] = ROLE_TO;
         if (json)
-            role[i] = api_in_list(s->rcpts[i], s->parts.to, s->parts.nto)   ? ROLE_TO
-                      : api_in_list(s->rcpts[i], s->parts.cc, s->parts.ncc) ? ROLE_CC
-                                                                            : ROLE_HIDDEN;
+            role[i] = api_in_list(rcpts[i], parts->to, parts->nto)   ? ROLE_TO
+                      : api_in_list(rcpts[i], parts->cc, parts->ncc) ? ROLE_CC
+                                                                     : ROLE_HIDDEN;
     }
     for (int pass = 0; pass < 2; pass++)
         for (size_t i = 0; i < n; i++)
-            if (s->alias[i] == i && (role[i] == ROLE_HIDDEN) == pass)
+            if (pl->alias[i] == i && (role[i] == ROLE_HIDDEN) == pass)
                 order[nu++] = i;
     for (size_t c = 0; c < nu; c += max) {
         size_t len = nu - c < max ? nu - c : max;
@@ -1007,14 +992,51 @@ static void api_plan(struct api_transport *t, struct api_send *s)
         if (json && !visible) {
             for (size_t i = 0; i < len; i++) {
                 role[order[c + i]] = ROLE_TO;
-                api_queue_req(t, s, &order[c + i], role, 1);
+                api_plan_add(pl, &order[c + i], role, 1);
             }
         } else {
-            api_queue_req(t, s, &order[c], role, len);
+            api_plan_add(pl, &order[c], role, len);
         }
     }
     free(order);
     free(role);
+}
+
+void api_plan_free(struct api_plan *pl)
+{
+    for (size_t i = 0; i < pl->nreqs; i++)
+        free(pl->reqs[i].idx);
+    free(pl->reqs);
+    free(pl->alias);
+    memset(pl, 0, sizeof(*pl));
+}
+
+/* Queues the requests of a send, as api_plan_rcpts() splits it. */
+static void api_plan(struct api_transport *t, struct api_send *s)
+{
+    struct api_plan pl;
+
+    api_plan_rcpts(t->cfg.provider, (const char *const *)s->rcpts, s->msg.nrcpts,
+                   s->have_parts ? &s->parts : NULL, &pl);
+    memcpy(s->alias, pl.alias, s->msg.nrcpts * sizeof(size_t));
+    for (size_t i = 0; i < pl.nreqs; i++) {
+        struct api_req *r = xcalloc(1, sizeof(*r));
+
+        r->send = s;
+        r->idx = pl.reqs[i].idx;         /* taken over */
+        pl.reqs[i].idx = NULL;
+        r->n = pl.reqs[i].n;
+        r->nto = pl.reqs[i].nto;
+        r->ncc = pl.reqs[i].ncc;
+        s->reqs_left++;
+        if (t->qtail != NULL)
+            t->qtail->next = r;
+        else
+            t->qhead = r;
+        t->qtail = r;
+        t->nqueued++;
+    }
+    api_plan_free(&pl);
 }
 
 /* ---- the curl engine ------------------------------------------------------------------ */
@@ -1330,6 +1352,10 @@ static void api_req_start(struct api_transport *t, struct api_req *r)
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    /* A connection idle longer than this is not reused: servers close idle
+     * keep-alive connections (often after 60 s), and a request that meets
+     * a connection the server is closing is one curl sends again. */
+    curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, 20L);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "mailferry");
     r->started = uv_now(t->loop);
     if (r->started == 0)
@@ -1505,8 +1531,9 @@ static int api_health(struct transport *tp, char *why, size_t whylen)
     uint64_t now = uv_now(t->loop);
 
     if (t->down_until != 0 && now < t->down_until) {
-        api_strf(why, whylen, "%s unhealthy for %" PRIu64 " s more: %s", t->cfg.provider->name,
-                 (t->down_until - now + 999) / 1000, t->last_error);
+        /* Stable while down: the router records the reason when it
+         * changes. */
+        api_strf(why, whylen, "%s", t->last_error);
         return 0;
     }
     snprintf(why, whylen, "ok");

@@ -17,7 +17,7 @@
  * one or more requests: each provider takes a bounded number of
  * recipients per request, and the JSON providers (which rebuild the
  * message) never put a recipient who is not in the To or Cc field of the
- * message where other recipients see it (see api_plan in api.c). Each
+ * message where other recipients see it (api_plan_rcpts below). Each
  * request's outcome applies to its recipients.
  *
  * Outcomes. 2xx delivered (the provider's message id goes into the
@@ -154,6 +154,36 @@ extern const struct api_provider api_provider_ses;
 extern const struct api_provider api_provider_sendgrid;
 extern const struct api_provider api_provider_postmark;
 extern const struct api_provider api_provider_webhook;
+
+/*
+ * How a send is split into requests. Recipients equal to an earlier one
+ * (case-insensitively) are not sent twice: alias[i] names the first.
+ *
+ * Raw providers carry the message unchanged: recipients in message order,
+ * max_rcpts per request, all as "to".
+ *
+ * JSON providers (parts given) rebuild the message and show every
+ * recipient of a request in its To or Cc field, so a recipient the
+ * original message shows nowhere (a Bcc) must never share a request with
+ * one who would see it. Recipients named in the To field go to To, those
+ * in the Cc field to Cc, the others to Bcc, visible ones first; without a
+ * To, the Cc ones become To. A chunk made only of hidden recipients
+ * becomes one request per recipient, each the sole To of its own copy.
+ */
+struct api_plan_req {
+    size_t *idx;                      /* recipient indexes: to, then cc, then bcc */
+    size_t n, nto, ncc;
+};
+
+struct api_plan {
+    struct api_plan_req *reqs;
+    size_t nreqs;
+    size_t *alias;                    /* n entries */
+};
+
+void api_plan_rcpts(const struct api_provider *p, const char *const *rcpts, size_t n,
+                    const struct mime_parts *parts, struct api_plan *pl);
+void api_plan_free(struct api_plan *pl);
 
 /* Looks a provider up by name; NULL when unknown. */
 const struct api_provider *api_provider_find(const char *name);
