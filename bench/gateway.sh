@@ -26,67 +26,16 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-mailferry=${MAILFERRY_BIN:-$repo/build/mailferry}
-keep=0
-pyargs=()
+# shellcheck source=bench/benchlib.sh
+. "$here/benchlib.sh"
 
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -m|--messages|-s|--sessions|-l|--size|--modes|--only|--idle|--idle-sources|--gateway-log-level|--timeout|--repeat)
-            [ $# -ge 2 ] || { echo "gateway.sh: $1 needs a value" >&2; exit 2; }
-            pyargs+=("$1" "$2"); shift 2 ;;
-        --keep) keep=1; pyargs+=(--keep); shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "gateway.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-done
-
-if [ "$(id -u)" -ne 0 ]; then
-    echo "gateway.sh: needs root to run a private Postfix instance" >&2
-    exit 2
-fi
-
-# Both sides hold one descriptor per connection: raise the limit as far as
-# the hard limit allows (children inherit it).
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-
-work=$(mktemp -d /tmp/mf-bench.XXXXXX)
-chmod 755 "$work"   # the postfix user must traverse it
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM HUP
-    # Backstop: the Python driver stops everything itself; this catches what
-    # is left if it was killed. Only PIDs it recorded, and only while they
-    # still run the program recorded for them.
-    if [ -f "$work/pids" ]; then
-        while read -r pid comm; do
-            if [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]; then
-                kill -TERM "$pid" 2>/dev/null || true
-            fi
-        done < "$work/pids"
-    fi
-    for pf in "$work"/postfix-*; do
-        if [ -f "$pf/etc/main.cf" ] && [ -f "$pf/queue/pid/master.pid" ]; then
-            /usr/sbin/postfix -c "$pf/etc" abort >/dev/null 2>&1 || true
-        fi
-    done
-    if [ "$keep" = 1 ]; then
-        echo "work directory kept: $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
+bench_parse_args gateway.sh "-m --messages -s --sessions -l --size --modes --only --idle \
+    --idle-sources --gateway-log-level --timeout --repeat" "$@"
+bench_setup mf-bench
 
 gcc -std=gnu11 -O2 -Wall -Wextra -Werror -Wshadow -Wformat=2 -D_GNU_SOURCE \
     "$here/idle_conns.c" -o "$work/idle_conns"
 
-# Not exec: the trap above must run after the driver ends.
+# Not exec: the EXIT trap must run after the driver ends.
 /usr/bin/python3 "$here/gateway_bench.py" --workdir "$work" --repo "$repo" \
     --mailferry "$mailferry" --idle-bin "$work/idle_conns" "${pyargs[@]}"

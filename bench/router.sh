@@ -33,62 +33,13 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-mailferry=${MAILFERRY_BIN:-$repo/build/mailferry}
-keep=0
-pyargs=()
+# shellcheck source=bench/benchlib.sh
+. "$here/benchlib.sh"
 
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -m|--messages|-l|--size|--connections|--concurrency|--batch|--appendfsync|--router-log-level|--only|--repeat|--timeout)
-            [ $# -ge 2 ] || { echo "router.sh: $1 needs a value" >&2; exit 2; }
-            pyargs+=("$1" "$2"); shift 2 ;;
-        --keep) keep=1; pyargs+=(--keep); shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "router.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-done
+bench_parse_args router.sh "-m --messages -l --size --connections --concurrency --batch --appendfsync \
+    --router-log-level --only --repeat --timeout" "$@"
+bench_setup mf-rbench
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "router.sh: needs root to run a private Postfix instance" >&2
-    exit 2
-fi
-
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-
-work=$(mktemp -d /tmp/mf-rbench.XXXXXX)
-chmod 755 "$work"   # the postfix user must traverse it
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM HUP
-    # Backstop: the Python driver stops everything itself; this catches what
-    # is left if it was killed. Only PIDs it recorded, and only while they
-    # still run the program recorded for them.
-    if [ -f "$work/pids" ]; then
-        while read -r pid comm; do
-            if [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]; then
-                kill -TERM "$pid" 2>/dev/null || true
-            fi
-        done < "$work/pids"
-    fi
-    for pf in "$work"/postfix-*; do
-        if [ -f "$pf/etc/main.cf" ] && [ -f "$pf/queue/pid/master.pid" ]; then
-            /usr/sbin/postfix -c "$pf/etc" abort >/dev/null 2>&1 || true
-        fi
-    done
-    if [ "$keep" = 1 ]; then
-        echo "work directory kept: $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
-
-# Not exec: the trap above must run after the driver ends.
+# Not exec: the EXIT trap must run after the driver ends.
 /usr/bin/python3 "$here/router_bench.py" --workdir "$work" --repo "$repo" \
     --mailferry "$mailferry" "${pyargs[@]}"

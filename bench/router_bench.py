@@ -38,318 +38,19 @@ directory.
 
 import argparse
 import os
-import platform
-import pwd
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 
-SMTP_SOURCE = "/usr/sbin/smtp-source"
-SMTP_SINK = "/usr/sbin/smtp-sink"
-POSTFIX = "/usr/sbin/postfix"
-POSTCONF = "/usr/sbin/postconf"
+from benchlib import (POSTCONF, POSTFIX, BenchError, Postfix, Procs, Redis, RedisReplyError,
+                      Sink, add_common_args, cpu_seconds, free_port, log, median, pairs,
+                      postfix_version, print_ratios, print_title, redis_version,
+                      require_executable, resp_encode, run, run_source, stop_popen)
+
 POSTQUEUE = "/usr/sbin/postqueue"
-REDIS_SERVER = "redis-server"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PREFIX = "rb:"
 MAIL_FROM = "a@bench.test"
 RCPT_TO = "u@dest.test"
 ROUTE = "sink"
-
-
-class BenchError(Exception):
-    """A step of the benchmark could not run; the message says which."""
-
-
-def log(msg):
-    print(f"# {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- processes
-
-class Procs:
-    """Every process this run started, stopped in reverse order at exit."""
-
-    def __init__(self, workdir):
-        self.stoppers = []  # (name, callable)
-        self.pidfile = os.path.join(workdir, "pids")
-
-    def record_pid(self, pid, comm):
-        # router.sh reads this file in its EXIT trap as a backstop.
-        with open(self.pidfile, "a") as f:
-            f.write(f"{pid} {comm}\n")
-
-    def popen(self, name, argv, logfile, **kw):
-        out = open(logfile, "ab")
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, **kw)
-        out.close()
-        self.record_pid(p.pid, os.path.basename(argv[0])[:15])
-        self.stoppers.append((name, lambda: stop_popen(p)))
-        return p
-
-    def add_stopper(self, name, fn):
-        self.stoppers.append((name, fn))
-
-    def stop_all(self):
-        while self.stoppers:
-            name, fn = self.stoppers.pop()
-            try:
-                fn()
-            except Exception as e:  # keep stopping the others
-                log(f"stopping {name}: {e}")
-
-
-def stop_popen(p, grace=10.0):
-    if p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_greeting(port, timeout=1.0):
-    """Returns the first line the server sends, or None."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            data = b""
-            while b"\n" not in data:
-                chunk = s.recv(512)
-                if not chunk:
-                    break
-                data += chunk
-            try:
-                s.sendall(b"QUIT\r\n")
-                s.recv(512)
-            except OSError:
-                pass
-            return data.decode("latin-1").strip() or None
-    except OSError:
-        return None
-
-
-def wait_greeting(port, what, proc=None, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode} while starting")
-        line = read_greeting(port)
-        if line is not None and line.startswith("220"):
-            return line
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not greet on 127.0.0.1:{port} within {timeout:.0f} s")
-
-
-# ---------------------------------------------------------------- /proc
-
-def proc_stat(pid):
-    """(ppid, self ticks, reaped children ticks) or None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    rest = s[s.rindex(")") + 2:].split()
-    # rest[0] is field 3 (state); utime is field 14, cutime field 16.
-    ppid = int(rest[1])
-    self_ticks = int(rest[11]) + int(rest[12])
-    child_ticks = int(rest[13]) + int(rest[14])
-    return ppid, self_ticks, child_ticks
-
-
-def cpu_seconds(pid, with_children=False):
-    """CPU seconds used so far by a process and the children it reaped;
-    with_children adds its live children (Postfix's master forks every
-    daemon directly, so one level covers the whole instance). A child alive
-    at the first reading and reaped by the second moves from the second sum
-    to the first, so a difference of two readings counts it once."""
-    st = proc_stat(pid)
-    if st is None:
-        raise BenchError(f"process {pid} is gone")
-    total = st[1] + st[2]
-    if with_children:
-        for d in os.listdir("/proc"):
-            if not d.isdigit() or int(d) == pid:
-                continue
-            c = proc_stat(int(d))
-            if c is not None and c[0] == pid:
-                total += c[1]
-    return total / CLK_TCK
-
-
-# ---------------------------------------------------------------- Redis
-
-def resp_encode(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode()
-        elif isinstance(a, int):
-            a = b"%d" % a
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-class RedisConn:
-    """A minimal RESP2 client: pipelined commands, replies in order.
-    Error replies come back as RedisReplyError values, not exceptions, so a
-    pipeline can be read to its end."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        self.pos = 0
-
-    def close(self):
-        self.sock.close()
-
-    def _fill(self):
-        if self.pos > 65536:
-            del self.buf[:self.pos]
-            self.pos = 0
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise BenchError("redis closed the connection")
-        self.buf += chunk
-
-    def _line(self):
-        while True:
-            i = self.buf.find(b"\r\n", self.pos)
-            if i >= 0:
-                line = bytes(self.buf[self.pos:i])
-                self.pos = i + 2
-                return line
-            self._fill()
-
-    def _reply(self):
-        line = self._line()
-        t, rest = line[:1], line[1:]
-        if t == b"+":
-            return rest.decode()
-        if t == b"-":
-            return RedisReplyError(rest.decode())
-        if t == b":":
-            return int(rest)
-        if t == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) - self.pos < n + 2:
-                self._fill()
-            v = bytes(self.buf[self.pos:self.pos + n])
-            self.pos += n + 2
-            return v
-        if t == b"*":
-            n = int(rest)
-            if n < 0:
-                return None
-            return [self._reply() for _ in range(n)]
-        raise BenchError(f"unexpected reply from redis: {line[:80]!r}")
-
-    def pipeline(self, cmds, chunk=2000):
-        """Sends the commands (lists of arguments) in chunks, reads every
-        reply, and returns the replies."""
-        out = []
-        for i in range(0, len(cmds), chunk):
-            part = cmds[i:i + chunk]
-            self.sock.sendall(b"".join(resp_encode(*c) for c in part))
-            out.extend(self._reply() for _ in part)
-        return out
-
-    def send_all(self, payload):
-        self.sock.sendall(payload)
-
-    def read_replies(self, n):
-        return [self._reply() for _ in range(n)]
-
-    def cmd(self, *args):
-        r = self.pipeline([args])[0]
-        if isinstance(r, RedisReplyError):
-            raise BenchError(f"redis {' '.join(map(str, args))[:60]}: {r}")
-        return r
-
-
-class RedisReplyError(str):
-    pass
-
-
-def pairs(flat):
-    """A flat [k1, v1, k2, v2, ...] reply as a dict with str keys."""
-    return {(flat[i].decode() if isinstance(flat[i], bytes) else flat[i]): flat[i + 1]
-            for i in range(0, len(flat), 2)}
-
-
-class Redis:
-    def __init__(self, procs, workdir, fsync):
-        self.port = free_port()
-        self.dir = os.path.join(workdir, "redis")
-        os.makedirs(self.dir, exist_ok=True)
-        self.proc = procs.popen("redis-server", [
-            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", self.dir, "--save", "", "--appendonly", "yes",
-            "--appendfsync", fsync, "--daemonize", "no",
-            "--protected-mode", "yes", "--logfile", "",
-        ], os.path.join(workdir, "redis.log"))
-        deadline = time.monotonic() + 20
-        self.conn = None
-        while self.conn is None:
-            try:
-                c = RedisConn(self.port)
-                if c.cmd("PING") == "PONG":
-                    self.conn = c
-                    break
-                c.close()
-            except (OSError, BenchError):
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("redis-server did not start; see redis.log")
-            time.sleep(0.1)
-        self.pid = self.proc.pid
-
-    def info(self, section):
-        out = {}
-        for line in self.conn.cmd("INFO", section).decode().splitlines():
-            k, sep, v = line.partition(":")
-            if sep:
-                out[k] = v.strip()
-        return out
-
-    def rewrite_aof(self):
-        """Compacts the AOF, so no rewrite is due during the measurement."""
-        self.wait_rewrite()
-        self.conn.cmd("BGREWRITEAOF")
-        self.wait_rewrite()
-
-    def wait_rewrite(self):
-        deadline = time.monotonic() + 120
-        time.sleep(0.2)
-        while time.monotonic() < deadline:
-            p = self.info("persistence")
-            if p.get("aof_rewrite_in_progress") == "0" and p.get("aof_rewrite_scheduled") == "0":
-                return
-            time.sleep(0.2)
-        raise BenchError("redis AOF rewrite did not finish")
-
-    def count_keys(self, pattern):
-        n, cursor = 0, b"0"
-        while True:
-            cursor, keys = self.conn.cmd("SCAN", cursor, "MATCH", pattern, "COUNT", 5000)
-            n += len(keys)
-            if cursor == b"0":
-                return n
 
 
 # ---------------------------------------------------------------- the message
@@ -382,183 +83,32 @@ def queue_ids(n):
     return [f"{ms:012x}{rnd[5 * i:5 * i + 5].hex()}" for i in range(n)]
 
 
-# ---------------------------------------------------------------- smtp-sink
-
-class Sink:
-    """A fresh smtp-sink for one measurement; -c makes it print a running
-    count ("sess=.. quit=.. mesg=N", CR-separated) after every message."""
-
-    def __init__(self, procs, workdir, tag, port=None):
-        self.port = port or free_port()
-        self.out = os.path.join(workdir, f"sink-{tag}.out")
-        self.proc = procs.popen("smtp-sink", [
-            SMTP_SINK, "-c", "-u", "postfix", f"127.0.0.1:{self.port}", "1000",
-        ], self.out)
-        self.pid = self.proc.pid
-        wait_greeting(self.port, "smtp-sink", self.proc)
-
-    def count(self):
-        """Messages received so far (the greeting probe sent none)."""
-        try:
-            with open(self.out, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 256))
-                tail = f.read()
-        except OSError:
-            return 0
-        i = tail.rfind(b"mesg=")
-        if i < 0:
-            return 0
-        digits = b""
-        for ch in tail[i + 5:]:
-            if 48 <= ch <= 57:
-                digits += bytes([ch])
-            else:
-                break
-        return int(digits) if digits else 0
-
-    def stop(self):
-        stop_popen(self.proc)
-
-
 # ---------------------------------------------------------------- Postfix
 
-MAIN_CF = """\
-compatibility_level = 3.6
-config_directory = {d}/etc
-queue_directory = {d}/queue
-data_directory = {d}/data
-maillog_file = {d}/maillog
-maillog_file_prefixes = {d}
-myhostname = postfix.bench.test
-mydomain = bench.test
-myorigin = $myhostname
-mydestination =
-relay_domains =
-local_recipient_maps =
-alias_maps =
-alias_database =
-mynetworks = 127.0.0.0/8
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+# Added to benchlib's main.cf (which holds every message with
+# defer_transports = smtp while the queue is filled; it is cleared before the
+# measurement): relay everything to the sink, over reused connections.
+EXTRA_MAIN_CF = """\
 relayhost = [127.0.0.1]:{sink}
-smtp_dns_support_level = disabled
 smtp_tls_security_level = none
 smtp_connection_cache_on_demand = yes
 default_destination_concurrency_limit = {conns}
 smtp_destination_concurrency_limit = {conns}
-# Filled while holding every message; cleared before the measurement.
-defer_transports = smtp
-in_flow_delay = 0
-default_process_limit = {plimit}
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-smtpd_client_message_rate_limit = 0
-smtpd_client_recipient_rate_limit = 0
-biff = no
 """
 
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 
 
-class Postfix:
+class RelayPostfix(Postfix):
     def __init__(self, procs, workdir, tag, sink_port, conns, keep):
-        self.port = free_port()
-        self.keep = keep
-        self.dir = os.path.join(workdir, f"postfix-{tag}")
-        self.etc = os.path.join(self.dir, "etc")
-        self.queue = os.path.join(self.dir, "queue")
-        data = os.path.join(self.dir, "data")
-        for d in (self.etc, self.queue, data):
-            os.makedirs(d, exist_ok=True)
-        for d in (workdir, self.dir, self.etc, self.queue):
-            os.chmod(d, 0o755)
-        pw = pwd.getpwnam("postfix")
-        os.chown(data, pw.pw_uid, pw.pw_gid)
-        with open(os.path.join(self.etc, "main.cf"), "w") as f:
-            f.write(MAIN_CF.format(d=self.dir, sink=sink_port, conns=conns,
-                                   plimit=max(100, 2 * conns + 20)))
-        # Debian's master.cf with the smtp listener moved to our port and
-        # chroot off everywhere (the queue holds no copies of /etc files).
-        out = []
-        with open("/etc/postfix/master.cf") as f:
-            for line in f:
-                fields = line.split()
-                if (line[:1] not in ("#", " ", "\t") and len(fields) >= 8
-                        and fields[1] in ("inet", "unix", "unix-dgram", "fifo", "pass")):
-                    if fields[0] == "smtp" and fields[1] == "inet":
-                        fields[0] = f"127.0.0.1:{self.port}"
-                    fields[4] = "n"
-                    line = " ".join(fields) + "\n"
-                out.append(line)
-        with open(os.path.join(self.etc, "master.cf"), "w") as f:
-            f.writelines(out)
-        self.run(POSTFIX, "check")
-        self.master = None
-        procs.add_stopper("postfix", self.stop)
-        self.run(POSTFIX, "start")
-        deadline = time.monotonic() + 20
-        while self.master is None and time.monotonic() < deadline:
-            try:
-                with open(os.path.join(self.queue, "pid", "master.pid")) as f:
-                    self.master = int(f.read().strip())
-            except (OSError, ValueError):
-                time.sleep(0.1)
-        if self.master is None:
-            raise BenchError(f"postfix did not start; see {self.dir}/maillog")
-        procs.record_pid(self.master, "master")
-        self.greeting = wait_greeting(self.port, f"postfix ({self.dir}/maillog)")
-
-    def run(self, prog, *args):
-        r = subprocess.run([prog, "-c", self.etc, *args], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode != 0:
-            raise BenchError(f"{os.path.basename(prog)} -c {self.etc} {' '.join(args)}: "
-                             f"{(r.stderr or r.stdout).strip()}")
-        return r.stdout
-
-    def count(self, *queues):
-        n = 0
-        for q in queues:
-            for _, _, files in os.walk(os.path.join(self.queue, q)):
-                n += len(files)
-        return n
+        super().__init__(procs, workdir, tag, keep, max(100, 2 * conns + 20),
+                         EXTRA_MAIN_CF.format(sink=sink_port, conns=conns))
 
     def settle(self, expected, timeout):
         """Waits until every message received has been deferred; returns
         the number in the deferred queue."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.count("incoming", "active", "maildrop") == 0
-                    and self.count("deferred") >= expected):
-                break
-            time.sleep(0.5)
+        self.wait_deferred(expected, timeout)
         return self.count("deferred")
-
-    def stop(self):
-        """Stops the instance (idempotent) and removes its folder."""
-        if self.master is None:
-            return
-        subprocess.run([POSTFIX, "-c", self.etc, "abort"], capture_output=True, timeout=60)
-        deadline = time.monotonic() + 10
-        while proc_stat(self.master) is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if proc_stat(self.master) is not None:
-            os.kill(self.master, signal.SIGKILL)
-        self.master = None
-        if not self.keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def run_source(port, count, size, timeout):
-    argv = [SMTP_SOURCE, "-s", "20", "-m", str(count), "-l", str(size), "-d",
-            "-f", MAIL_FROM, "-t", RCPT_TO, f"127.0.0.1:{port}"]
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    if p.returncode != 0:
-        raise BenchError(f"smtp-source failed (status {p.returncode}): "
-                         f"{(p.stdout + p.stderr).decode('latin-1').strip()[-500:]}")
 
 
 # ---------------------------------------------------------------- results
@@ -583,15 +133,15 @@ class Result:
 def measure_postfix(env, args, tag):
     procs, count = env["procs"], args.messages
     sink_port = free_port()
-    pf = Postfix(procs, args.workdir, tag, sink_port, args.connections, args.keep)
+    pf = RelayPostfix(procs, args.workdir, tag, sink_port, args.connections, args.keep)
     env.setdefault("postfix_greeting", pf.greeting)
     try:
         log(f"  postfix: filling its queue with {count} messages (smtp-source, deferred)")
-        run_source(pf.port, count, args.size, args.timeout)
+        run_source(pf.port, count, args.size, 20, True, args.timeout, MAIL_FROM, RCPT_TO)
         queued = pf.settle(count, args.timeout)
         if queued != count:
             raise BenchError(f"postfix queued {queued} of {count} messages; see {pf.dir}/maillog")
-        sink = Sink(procs, args.workdir, f"postfix-{tag}", sink_port)
+        sink = Sink(procs, os.path.join(args.workdir, f"sink-postfix-{tag}.out"), port=sink_port)
         pf.run(POSTCONF, "-e", "defer_transports =")
         pf.run(POSTFIX, "reload")
         # The deferred files carry a future time: nothing moves before the
@@ -657,7 +207,7 @@ def measure_mailferry(env, args, nrouters, tag):
         raise BenchError(f"HSET failed: {bad[0]}")
     redis.rewrite_aof()
 
-    sink = Sink(procs, args.workdir, f"mf{nrouters}-{tag}")
+    sink = Sink(procs, os.path.join(args.workdir, f"sink-mf{nrouters}-{tag}.out"))
     routers = []
     for k in range(1, nrouters + 1):
         name = f"r{k}"
@@ -721,12 +271,6 @@ def measure_mailferry(env, args, nrouters, tag):
 
 
 # ---------------------------------------------------------------- report
-
-def median(v):
-    v = sorted(v)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2.0
-
 
 def aggregate(rs):
     """One Result from the repetitions of a measurement: the median of each
@@ -799,26 +343,14 @@ def print_results(results, args):
         lines.append(f"  CPU ceiling on {os.cpu_count()} cores at mailferry(1)'s CPU per msg "
                      f"(incl. sink): {ceiling:.0f} msgs/s = {ceiling / m1.rate:.2f} x "
                      f"mailferry(1)")
-    if lines:
-        print("ratios of msgs/s (target in brackets):")
-        print("\n".join(lines))
+    print_ratios(lines)
     sys.stdout.flush()
 
 
 def header(args, env):
-    def ver(argv):
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return "?"
-    commit = ver(["git", "-C", args.repo, "rev-parse", "--short", "HEAD"]) or "?"
-    dirty = ver(["git", "-C", args.repo, "status", "--porcelain", "--untracked-files=no"])
-    print(f"mailferry router benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"  host: {platform.node()}  {os.cpu_count()} CPUs  kernel {platform.release()}")
-    print(f"  mailferry: {args.mailferry} (repository at {commit}"
-          f"{' + local changes' if dirty else ''})")
-    print(f"  redis: {ver([REDIS_SERVER, '--version']).split(' sha=')[0]}, appendonly yes, "
-          f"appendfsync {args.appendfsync}; postfix {ver([POSTCONF, '-d', '-h', 'mail_version'])}")
+    print_title("router", args, "repository at")
+    print(f"  redis: {redis_version()}, appendonly yes, "
+          f"appendfsync {args.appendfsync}; postfix {postfix_version()}")
     print(f"  router: concurrency {args.concurrency}, batch {args.batch}, route {ROUTE}: smtp "
           f"tls none max_connections {args.connections} (per router), log level "
           f"{args.router_log_level}")
@@ -835,11 +367,7 @@ def header(args, env):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--repo", required=True)
-    ap.add_argument("--mailferry", required=True)
-    ap.add_argument("-m", "--messages", type=int, default=20000)
-    ap.add_argument("-l", "--size", type=int, default=2048)
+    add_common_args(ap)
     ap.add_argument("--connections", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32)
@@ -847,9 +375,6 @@ def main():
     ap.add_argument("--router-log-level", default="info",
                     choices=("debug", "info", "warn", "error"))
     ap.add_argument("--only", default="postfix 1 2")
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     only = args.only.replace(",", " ").split()
     for o in only:
@@ -859,20 +384,11 @@ def main():
         ap.error("--repeat, --messages and --connections must be at least 1")
 
     procs = Procs(args.workdir)
-
-    def on_signal(signum, frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-
     env = {"procs": procs}
-    status = 0
-    results = []
-    try:
+
+    def body(results):
         if "1" in only or "2" in only:
-            if not os.access(args.mailferry, os.X_OK):
-                raise BenchError(f"{args.mailferry} is not an executable (set MAILFERRY_BIN)")
+            require_executable(args.mailferry)
             env["redis"] = Redis(procs, args.workdir, args.appendfsync)
         header(args, env)
         # Repetitions go round the whole cycle, so that every system sees
@@ -890,15 +406,8 @@ def main():
                 log(f"  {r.rate:.0f} msgs/s, {r.server_ms:.3f} ms CPU/msg, delivered "
                     f"{r.delivered}, left {r.left}")
                 results.append(r)
-        print_results(results, args)
-    except BenchError as e:
-        if results:
-            print_results(results, args)
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        status = 1
-    finally:
-        procs.stop_all()
-    return status
+
+    return run(procs, body, lambda results: print_results(results, args))
 
 
 if __name__ == "__main__":

@@ -760,8 +760,8 @@ static void check_spf(struct chk *c, const struct ip *relays, size_t nrelays)
         res = spf_check_host(&e, c->domain, 0);
         snprintf(check, sizeof(check), "SPF authorises %s", relays[i].text);
         if (res == SPF_PASS) {
-            add_row(c, V_OK, check, NULL, "pass (%s)%s%s", e.why, e.note[0] ? "; not checked: " : "",
-                    e.note);
+            add_row(c, V_OK, check, NULL, "pass (%s)%s%s", e.why,
+                    e.note[0] ? "; not checked: " : "", e.note);
         } else {
             if (res == SPF_TEMPERROR)
                 snprintf(fix, sizeof(fix), "check that the DNS answers (see [dns] resolver)");
@@ -1140,8 +1140,8 @@ static void print_table(const struct chk *c, const char *resolver)
         }
         putchar('\n');
     }
-    printf("\n%d failed, %d warnings, %d passed, %d skipped: %s\n", counts[V_FAIL], counts[V_WARN],
-           counts[V_OK], counts[V_SKIP],
+    printf("\n%d failed, %d warning%s, %d passed, %d skipped: %s\n", counts[V_FAIL],
+           counts[V_WARN], counts[V_WARN] == 1 ? "" : "s", counts[V_OK], counts[V_SKIP],
            counts[V_FAIL] ? "fix the failed checks" : "sender authentication is in order");
 }
 

@@ -1,154 +1,129 @@
 #!/usr/bin/python3
-"""A stand-in email API for the demo profile of docker/docker-compose.yml.
+"""The email API of docker-compose.yml's demo profile.
 
-Temporary: it answers like the providers' send endpoints closely enough
-for a demo, and is to be replaced by the project's fake provider server
-(tests/integration/fake_*.py) once that exists.
+Serves the project's fake provider (tests/integration/fake_<provider>.py,
+which checks every request against the provider's published API reference
+and answers like it) to the Compose network, logs one line per request,
+and lists what arrived:
 
-    fakeapi.py [--host 0.0.0.0] [--port 8080] [--dir /var/spool/fakeapi]
+    fakeapi.py --provider sendgrid --cert C --key K --secret-env SENDGRID_API_KEY
+               [--host 0.0.0.0] [--port 8443] [--list-port 8080]
 
-Every POST is recorded in --dir as NNNNNN.json: method, path, query,
-headers (Authorization and API-key headers replaced by "<redacted>"), and
-the body (as text when it is UTF-8, else base64). The file is written to a
-temporary name and renamed, so a reader listing *.json sees whole requests
-only. One log line per request goes to stdout.
+HTTPS on --host:--port (socat in front of the fake, which listens on
+loopback), with the certificate the setup service made (the router trusts
+the Compose CA through the route's ca_file). The API key the
+fake expects is read from the environment variable --secret-env.
 
-Answers by path, each a success with a message id:
-
-    /v3/mail/send                  SendGrid v3: 202, X-Message-Id header
-    /v3/<domain>/messages[.mime]   Mailgun: 200 {"id": "<...>", "message"}
-    /email, /email/batch           Postmark: 200 {"MessageID", "ErrorCode": 0}
-    /v2/email/outbound-emails      Amazon SES v2: 200 {"MessageId"}
-    anything else                  a generic webhook: 200 {"id"}
-
-GET /healthz answers 200; GET /messages lists the recorded requests as a
-JSON array. SIGTERM and SIGINT stop the server at once.
+Plain HTTP on --list-port: GET /messages answers a JSON array of the
+requests received, oldest first (method, path, status, mode, errors,
+recipients, message id, time, body as text); GET /healthz answers 200.
+A request the fake found malformed has status 400 and its reasons in
+"errors". SIGTERM and SIGINT stop both servers at once.
 """
 
 import argparse
-import base64
 import json
 import os
-import re
 import signal
+import subprocess
 import sys
 import threading
-import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SECRET_HEADERS = {"authorization", "x-postmark-server-token", "x-api-key", "api-key"}
-MAILGUN_RE = re.compile(r"^/v3/[^/]+/messages(\.mime)?$")
+for _d in ("/usr/local/lib/mailferry",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration")):
+    if os.path.exists(os.path.join(_d, "fake_api.py")):
+        sys.path.insert(0, _d)
+        break
+import fake_api  # noqa: E402  (found through the path set above)
 
 
-class Store:
-    """Numbered, atomically written request records in one folder."""
-
-    def __init__(self, directory):
-        self.dir = directory
-        self.lock = threading.Lock()
-        os.makedirs(directory, exist_ok=True)
-        self.seq = len([n for n in os.listdir(directory) if n.endswith(".json")])
-
-    def add(self, record):
-        with self.lock:
-            self.seq += 1
-            record["seq"] = self.seq
-            base = os.path.join(self.dir, "%06d" % self.seq)
-            with open(base + ".json.tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(base + ".json.tmp", base + ".json")
-            return self.seq
-
-    def all(self):
-        out = []
-        for name in sorted(os.listdir(self.dir)):
-            if name.endswith(".json"):
-                with open(os.path.join(self.dir, name)) as f:
-                    out.append(json.load(f))
-        return out
+def describe(req):
+    """A request as JSON-ready data."""
+    return {
+        "method": req.method, "path": req.path, "status": req.status, "mode": req.mode,
+        "errors": req.errors, "rcpts": req.rcpts, "message_id": req.message_id,
+        "time": req.time, "body": req.body.decode("utf-8", "replace"),
+    }
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "mailferry-fakeapi/1"
-    protocol_version = "HTTP/1.1"
-
+class ListHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
-        # One line per request on stdout, logfmt like mailferry's own logs.
-        sys.stdout.write("fakeapi %s\n" % (fmt % args))
-        sys.stdout.flush()
+        pass
 
-    def reply(self, status, body, headers=None):
-        data = json.dumps(body).encode()
-        self.send_response(status)
+    def do_GET(self):
+        if self.path == "/healthz":
+            out = {"status": "ok"}
+        elif self.path == "/messages":
+            out = [describe(r) for r in self.server.fake.requests()]
+        else:
+            self.send_error(404)
+            return
+        data = json.dumps(out).encode()
+        self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self):
-        path = self.path.split("?", 1)[0]
-        if path == "/healthz":
-            self.reply(200, {"status": "ok"})
-        elif path == "/messages":
-            self.reply(200, self.server.store.all())
-        else:
-            self.reply(404, {"error": "not found"})
 
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        path, _, query = self.path.partition("?")
-        headers = {k: ("<redacted>" if k.lower() in SECRET_HEADERS else v)
-                   for k, v in self.headers.items()}
-        try:
-            text, encoding = body.decode("utf-8"), "text"
-        except UnicodeDecodeError:
-            text, encoding = base64.b64encode(body).decode(), "base64"
-        msgid = uuid.uuid4().hex
-        seq = self.server.store.add({
-            "method": "POST", "path": path, "query": query, "headers": headers,
-            "body": text, "body_encoding": encoding, "size": len(body),
-            "id": msgid, "time": time.time(),
-        })
-        if path == "/v3/mail/send":
-            self.reply(202, {}, {"X-Message-Id": msgid})
-        elif MAILGUN_RE.match(path):
-            self.reply(200, {"id": "<%s@fakeapi>" % msgid, "message": "Queued. Thank you."})
-        elif path in ("/email", "/email/batch"):
-            self.reply(200, {"MessageID": msgid, "ErrorCode": 0, "Message": "OK",
-                             "SubmittedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        elif path == "/v2/email/outbound-emails":
-            self.reply(200, {"MessageId": msgid})
-        else:
-            self.reply(200, {"id": msgid, "seq": seq})
+def watch(fake, stop, forward):
+    """Prints one line per request the fake answered, for `docker compose
+    logs`, until stop is set (0) or socat has ended (1)."""
+    seen = 0
+    while True:
+        stopping = stop.wait(0.5)
+        if forward.poll() is not None:
+            print("fakeapi: socat exited with status %d" % forward.returncode, flush=True)
+            return 1
+        reqs = fake.requests()
+        for r in reqs[seen:]:
+            print("fakeapi provider=%s method=%s path=%s status=%s rcpts=%s id=%s%s" % (
+                fake.provider, r.method, r.path, r.status, ",".join(r.rcpts) or "-",
+                r.message_id or "-", (" errors=%s" % json.dumps(r.errors)) if r.errors else ""),
+                flush=True)
+        seen = len(reqs)
+        if stopping:
+            return 0
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--dir", default="/var/spool/fakeapi")
-    args = p.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--provider", default="sendgrid")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=8443)
+    ap.add_argument("--list-port", type=int, default=8080)
+    ap.add_argument("--cert", required=True)
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--secret-env", required=True, help="variable holding the API key")
+    a = ap.parse_args()
 
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
-    server.daemon_threads = True
-    server.store = Store(args.dir)
+    secret = os.environ.get(a.secret_env, "")
+    if not secret:
+        ap.error("environment variable %s is not set" % a.secret_env)
+    # The fake listens on loopback (it is made for tests on one host);
+    # socat passes the Compose network's connections to it unchanged, TLS
+    # and all.
+    fake = fake_api.load(a.provider)(a.cert, a.key, secret, port=0).start()
+    forward = subprocess.Popen(["socat", "TCP-LISTEN:%d,bind=%s,fork,reuseaddr" % (a.port, a.host),
+                                "TCP:127.0.0.1:%d" % fake.port])
 
-    def stop(signum, frame):
-        # shutdown() waits for serve_forever() to return, so it runs on
-        # another thread than the one serving.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+    lister = ThreadingHTTPServer((a.host, a.list_port), ListHandler)
+    lister.daemon_threads = True
+    lister.fake = fake
+    threading.Thread(target=lister.serve_forever, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print("fakeapi listening on %s:%d, recording to %s" % (args.host, args.port, args.dir),
-          flush=True)
-    server.serve_forever()
-    server.server_close()
-    return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    print("fakeapi provider=%s https=%s:%d list=http://%s:%d/messages" % (
+        a.provider, a.host, a.port, a.host, a.list_port), flush=True)
+    rc = watch(fake, stop, forward)
+    forward.terminate()
+    forward.wait()
+    lister.shutdown()
+    fake.stop()
+    return rc
 
 
 if __name__ == "__main__":

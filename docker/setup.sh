@@ -10,6 +10,7 @@
 #   relay.crt/.key           the relay's server certificate (relay,
 #                            $RELAY_HOSTNAME), for the mutual-TLS tunnel
 #   router.crt/.key          the router's client certificate for that tunnel
+#   fakeapi.crt/.key         the demo API's server certificate (fakeapi)
 #   users                    the submission users file: one user
 #                            $MAILFERRY_DEMO_USER allowed every sender domain
 #
@@ -73,6 +74,7 @@ cert gateway "$gateway_name" serverAuth \
     "DNS:$gateway_name,DNS:gateway,DNS:localhost,IP:127.0.0.1"
 cert relay "$relay_name" serverAuth "DNS:$relay_name,DNS:relay"
 cert router router.mailferry.test clientAuth ""
+cert fakeapi fakeapi serverAuth "DNS:fakeapi"
 chmod 0644 "$dir/ca.crt"
 
 # The users file: "user:crypt-hash:domains" (README, "Running mailferry").

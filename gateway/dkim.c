@@ -8,8 +8,8 @@
  * on many threads with one handle). Each signature is its own DKIM handle.
  *
  * Keys are parsed with OpenSSL at load, which checks type and size and
- * refuses encrypted keys, then handed to libopendkim as PKCS#8 PEM text;
- * the text is wiped when the set is freed.
+ * refuses encrypted keys. RSA keys are then handed to libopendkim as
+ * PKCS#8 PEM text, wiped when the set is freed.
  *
  * Ed25519 signatures (RFC 8463) are made here with OpenSSL instead:
  * libopendkim 2.11.0~beta2 (Debian 12) signs them correctly but its
@@ -63,8 +63,8 @@ struct dkim_key {
     char *selector;
     char *path;
     char *record;
-    char *pem;                    /* PKCS#8 PEM for libopendkim (RSA) */
-    EVP_PKEY *pkey;               /* the key itself (Ed25519 signing) */
+    char *pem;                    /* RSA: PKCS#8 PEM for libopendkim */
+    EVP_PKEY *pkey;               /* Ed25519: the key, signed with OpenSSL */
     int line;                     /* key_table line, 0 for keys_dir */
 };
 
@@ -295,18 +295,22 @@ static int key_read(struct dkim_key *k, char *err, size_t errlen)
         snprintf(err, errlen, "DKIM key %s: cannot derive the public key", k->path);
         goto out;
     }
-    BIO_free(bio);
-    bio = BIO_new(BIO_s_mem());
-    if (bio == NULL || PEM_write_bio_PKCS8PrivateKey(bio, pkey, NULL, NULL, 0, NULL, NULL) != 1 ||
-        BIO_get_mem_ptr(bio, &mem) != 1) {
-        snprintf(err, errlen, "DKIM key %s: cannot convert the key", k->path);
-        goto out;
-    }
-    k->pem = xstrndup(mem->data, mem->length);
-    OPENSSL_cleanse(mem->data, mem->length);
     if (k->info.alg == DKIM_ALG_ED25519) {
+        /* Signed here with OpenSSL (see the top of the file). */
         k->pkey = pkey;
         pkey = NULL;
+    } else {
+        /* libopendkim parses the key from text for every signature. */
+        BIO_free(bio);
+        bio = BIO_new(BIO_s_mem());
+        if (bio == NULL ||
+            PEM_write_bio_PKCS8PrivateKey(bio, pkey, NULL, NULL, 0, NULL, NULL) != 1 ||
+            BIO_get_mem_ptr(bio, &mem) != 1) {
+            snprintf(err, errlen, "DKIM key %s: cannot convert the key", k->path);
+            goto out;
+        }
+        k->pem = xstrndup(mem->data, mem->length);
+        OPENSSL_cleanse(mem->data, mem->length);
     }
     if (k->info.alg == DKIM_ALG_RSA && k->info.bits < DKIM_RSA_GOOD_BITS)
         log_warn("event=dkim_weak_key path=%s bits=%d reason=\"RFC 8301 advises 2048 bits\"",
@@ -895,6 +899,11 @@ static int rsa_sign(const struct dkim_keys *k, const struct dkim_key *key, const
 }
 
 #define IS_WSP(c) ((c) == ' ' || (c) == '\t')
+/* libopendkim's DKIM_ISLWSP: WSP, CR and LF. Its header parser takes a
+ * line starting with VT or FF as a continuation too, and so does
+ * split_header(), so that both signers see the same fields. */
+#define IS_LWSP(c) (IS_WSP(c) || (c) == '\r' || (c) == '\n')
+#define IS_CONT(c) (IS_WSP(c) || (c) == '\v' || (c) == '\f')
 
 /* One header field of the message: its bytes without the final CRLF. */
 struct hfield {
@@ -922,7 +931,7 @@ static size_t split_header(const char *msg, size_t len, struct hfield **out, siz
             body = next;   /* the empty line: the body follows */
             break;
         }
-        if (IS_WSP(line[0]) && n > 0) {
+        if (IS_CONT(line[0]) && n > 0) {
             v[n - 1].len = next - (size_t)(v[n - 1].p - msg);
         } else {
             if (n == cap) {
@@ -951,35 +960,43 @@ static size_t split_header(const char *msg, size_t len, struct hfield **out, siz
     return body;
 }
 
-/* RFC 6376 section 3.4.2, relaxed header canonicalisation of one field
- * (text without its final CRLF), appended to b with a CRLF when crlf. */
+/*
+ * RFC 6376 section 3.4.2, relaxed header canonicalisation of one field
+ * (text without its final CRLF), appended to b with a CRLF when crlf. It
+ * follows libopendkim's dkim_canon_header_string() byte for byte, so that
+ * the rsa-sha256 and ed25519-sha256 signatures of a message agree for
+ * every verifier: the name lower-cased without white space (IS_LWSP);
+ * white space skipped at the start of the value; then every run of white
+ * space (isspace(), which also takes the CRLF of folding) one SP, none at
+ * the end.
+ */
 static void canon_header(const char *p, size_t len, struct buf *b, int crlf)
 {
-    size_t colon = 0, i;
-    int space = 0, started = 0;
+    size_t i = 0;
+    int space = 0;
 
-    while (colon < len && p[colon] != ':')
-        colon++;
-    /* The name in lower case, without WSP before the colon. */
-    for (i = 0; i < colon; i++) {
-        char c = (char)tolower((unsigned char)p[i]);
-        if (!IS_WSP(c) && c != '\r' && c != '\n')
-            buf_append(b, &c, 1);
-    }
-    buf_append(b, ":", 1);
-    /* The value unfolded, WSP runs as one SP, none at either end. */
-    for (i = colon + 1; i < len; i++) {
-        char c = p[i];
-        if (c == '\r' || c == '\n')
+    for (; i < len; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (IS_LWSP(c))
             continue;
-        if (IS_WSP(c)) {
-            space = started;
+        c = (unsigned char)(c < 0x80 ? tolower(c) : c);
+        buf_append(b, &c, 1);
+        if (c == ':') {
+            i++;
+            break;
+        }
+    }
+    while (i < len && IS_LWSP(p[i]))
+        i++;
+    for (; i < len; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c < 0x80 && isspace(c)) {
+            space = 1;
             continue;
         }
         if (space)
             buf_append(b, " ", 1);
         space = 0;
-        started = 1;
         buf_append(b, &c, 1);
     }
     if (crlf)
@@ -989,47 +1006,74 @@ static void canon_header(const char *p, size_t len, struct buf *b, int crlf)
 /* RFC 6376 section 3.4.4, relaxed body canonicalisation, hashed: WSP runs
  * become one SP, WSP at line ends and empty lines at the end go, and a
  * non-empty body ends with CRLF. */
+/* Output of hash_body(), hashed in blocks. */
+struct body_out {
+    EVP_MD_CTX *ctx;
+    int ok;
+    size_t n;
+    unsigned char b[16384];
+};
+
+static void body_put(struct body_out *o, const char *p, size_t n)
+{
+    while (n > 0) {
+        size_t room = sizeof(o->b) - o->n, k = n < room ? n : room;
+        memcpy(o->b + o->n, p, k);
+        o->n += k;
+        p += k;
+        n -= k;
+        if (o->n == sizeof(o->b)) {
+            o->ok = o->ok && EVP_DigestUpdate(o->ctx, o->b, o->n) == 1;
+            o->n = 0;
+        }
+    }
+}
+
 static int hash_body(const char *p, size_t len, unsigned char md[32])
 {
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    struct buf line = BUF_INIT;
+    struct body_out *o = xcalloc(1, sizeof(*o));
     size_t empty = 0, off = 0;
     unsigned int mdlen = 0;
     int ok;
 
-    ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
-    while (ok && off < len) {
+    o->ctx = EVP_MD_CTX_new();
+    o->ok = o->ctx != NULL && EVP_DigestInit_ex(o->ctx, EVP_sha256(), NULL) == 1;
+    while (off < len) {
         const char *eol = memchr(p + off, '\n', len - off);
         size_t end = eol ? (size_t)(eol - p) : len;
-        size_t ll = end - off;
-        int space = 0;
+        size_t ll = end - off, i = off, stop;
 
         if (eol && ll > 0 && p[end - 1] == '\r')
             ll--;
-        buf_reset(&line);
-        for (size_t i = off; i < off + ll; i++) {
-            if (IS_WSP(p[i])) {
-                space = 1;
-                continue;
-            }
-            if (space)
-                buf_append(&line, " ", 1);
-            space = 0;
-            buf_append(&line, &p[i], 1);
-        }
-        if (line.len == 0) {
+        stop = off + ll;
+        /* Trailing WSP of the line goes. */
+        while (stop > off && IS_WSP(p[stop - 1]))
+            stop--;
+        if (stop == off) {
             empty++;
         } else {
-            for (; ok && empty > 0; empty--)
-                ok = EVP_DigestUpdate(ctx, "\r\n", 2) == 1;
-            ok = ok && EVP_DigestUpdate(ctx, line.data, line.len) == 1 &&
-                 EVP_DigestUpdate(ctx, "\r\n", 2) == 1;
+            for (; empty > 0; empty--)
+                body_put(o, "\r\n", 2);
+            while (i < stop) {
+                size_t run = i;
+                while (run < stop && !IS_WSP(p[run]))
+                    run++;
+                body_put(o, p + i, run - i);
+                if (run == stop)
+                    break;
+                while (IS_WSP(p[run]))
+                    run++;
+                body_put(o, " ", 1);
+                i = run;
+            }
+            body_put(o, "\r\n", 2);
         }
         off = eol ? end + 1 : len;
     }
-    ok = ok && EVP_DigestFinal_ex(ctx, md, &mdlen) == 1 && mdlen == 32;
-    buf_free(&line);
-    EVP_MD_CTX_free(ctx);
+    ok = o->ok && (o->n == 0 || EVP_DigestUpdate(o->ctx, o->b, o->n) == 1) &&
+         EVP_DigestFinal_ex(o->ctx, md, &mdlen) == 1 && mdlen == 32;
+    EVP_MD_CTX_free(o->ctx);
+    free(o);
     return ok ? 0 : -1;
 }
 

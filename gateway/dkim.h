@@ -1,7 +1,9 @@
 /*
- * dkim: DKIM signatures on accepted messages (RFC 6376), made with
- * OpenDKIM's library at acceptance time so that every route (relay, API,
- * smarthost) carries the same signature.
+ * dkim: DKIM signatures on accepted messages (RFC 6376), made at
+ * acceptance time so that every route (relay, API, smarthost) carries the
+ * same signature: rsa-sha256 with OpenDKIM's library, ed25519-sha256 (RFC
+ * 8463) with OpenSSL, because Debian 12's libopendkim leaks memory on every
+ * Ed25519 signature (dkim.c says more).
  *
  * Keys. A key set (struct dkim_keys) is loaded from [dkim] keys_dir (files
  * named <domain>.<selector>.rsa.key or <domain>.<selector>.ed25519.key)

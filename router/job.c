@@ -24,6 +24,9 @@ struct job_group {
     int64_t started;
     int64_t due;                 /* held: when to try again */
     int attempted;               /* handed to a transport */
+    char pin[POLICY_ROUTE_NAME_MAX + 8];  /* the recipients' pinned route */
+    int64_t retry_after_ms;      /* the peer's "not before" (Retry-After) */
+    char provider_id[128];
 };
 
 struct job {
@@ -125,6 +128,7 @@ static void job_record(struct job_group *g)
     o.probe_domain = g->choice.probe_domain;
     o.probe_route_since = g->choice.probe_route_since;
     o.probe_domain_since = g->choice.probe_domain_since;
+    o.provider_id = g->provider_id;
     store_record(router_store(j->r), j->m, &o, job_on_recorded, g);
 }
 
@@ -169,6 +173,15 @@ static void job_on_sent(const struct transport_result *res, void *arg)
             else
                 r->state = STORE_RCPT_DEFERRED;
         }
+        /* An ambiguous outcome (the route may have delivered it) stays on
+         * that route unless the route allows resending elsewhere. */
+        if (rr && rr->ambiguous && !res->resend_ambiguous && r->state == STORE_RCPT_DEFERRED) {
+            if (r->pin == NULL)
+                r->pin = xstrdup(g->choice.route_name);
+        } else if (r->state != STORE_RCPT_DEFERRED) {
+            free(r->pin);
+            r->pin = NULL;
+        }
         log_info("id=%s event=delivery rcpt=%s route=%s reason=%s result=%s code=%d enh=%s "
                  "remote=%s latency_ms=%" PRId64 " text=%s",
                  j->m->id, log_quote(qa, sizeof(qa), r->addr, strlen(r->addr)),
@@ -180,6 +193,8 @@ static void job_on_sent(const struct transport_result *res, void *arg)
     }
     metric_observe(metric_labels(mx->delivery_seconds, g->choice.route_name),
                    (double)(now - g->started) / 1000.0);
+    g->retry_after_ms = res->retry_after_ms;
+    snprintf(g->provider_id, sizeof(g->provider_id), "%s", res->provider_id);
     router_outcome(j->r, &g->choice, g->domain, res);
     job_record(g);
 }
@@ -287,6 +302,10 @@ static void job_finish(struct job *j)
             if (step >= cfg->router.nretry)
                 step = cfg->router.nretry - 1;
             t = now + (int64_t)cfg->router.retry[step] * 1000;
+            /* The peer said when to come back (HTTP Retry-After): never
+             * earlier than that. */
+            if (g->retry_after_ms > 0 && now + g->retry_after_ms > t)
+                t = now + g->retry_after_ms;
         } else {
             t = g->due;
         }
@@ -452,14 +471,16 @@ static void job_on_loaded(struct store_msg *m, int status, const char *err, void
         size_t gi;
         if (!job_pending(&m->rcpts[i]))
             continue;
+        const char *pin = m->rcpts[i].pin ? m->rcpts[i].pin : "";
         job_domain(m->rcpts[i].addr, dom, sizeof(dom));
         for (gi = 0; gi < j->ng; gi++)
-            if (strcmp(j->g[gi].domain, dom) == 0)
+            if (strcmp(j->g[gi].domain, dom) == 0 && strcmp(j->g[gi].pin, pin) == 0)
                 break;
         if (gi == j->ng) {
             j->ng++;
             j->g[gi].job = j;
             snprintf(j->g[gi].domain, sizeof(j->g[gi].domain), "%s", dom);
+            snprintf(j->g[gi].pin, sizeof(j->g[gi].pin), "%s", pin);
             j->g[gi].idx = xcalloc(m->nrcpts, sizeof(size_t));
             j->g[gi].addrs = xcalloc(m->nrcpts, sizeof(char *));
         }
@@ -472,8 +493,13 @@ static void job_on_loaded(struct store_msg *m, int status, const char *err, void
         return;
     }
     j->left = j->ng;
-    for (size_t gi = 0; gi < j->ng; gi++)
-        router_choose(j->r, m, j->g[gi].domain, (uint32_t)j->g[gi].n, job_on_choice, &j->g[gi]);
+    for (size_t gi = 0; gi < j->ng; gi++) {
+        struct job_group *g = &j->g[gi];
+        if (g->pin[0])
+            router_choose_pinned(j->r, m, g->domain, (uint32_t)g->n, g->pin, job_on_choice, g);
+        else
+            router_choose(j->r, m, g->domain, (uint32_t)g->n, job_on_choice, g);
+    }
 }
 
 struct job *job_start(struct router *r, const struct store_entry *e)

@@ -2273,6 +2273,7 @@ static const char *const cause_names[] = {
     [POLICY_CAUSE_DEFERRAL] = "deferral",
     [POLICY_CAUSE_COMPLAINT] = "complaint",
     [POLICY_CAUSE_PROBE] = "probe",
+    [POLICY_CAUSE_HEALTH] = "health",
 };
 
 #define NAMEOF(tab, v) \
@@ -2390,6 +2391,47 @@ enum policy_transition policy_breaker_step(const struct policy_config *cfg, size
     return t;
 }
 
+enum policy_transition policy_breaker_trip(const struct policy_config *cfg, size_t i,
+                                           const struct policy_breaker *cur,
+                                           enum policy_cause cause, int64_t now_ms,
+                                           struct policy_breaker *next)
+{
+    const struct route *r;
+    struct policy_breaker b = *cur;
+    enum policy_transition t = POLICY_T_NONE;
+    int64_t cd, max;
+
+    assert(i < cfg->nroutes);
+    r = &cfg->routes[i];
+    switch (cur->state) {
+    case POLICY_BREAKER_CLOSED:
+        b.state = POLICY_BREAKER_OPEN;
+        b.since_ms = now_ms;
+        b.cooldown_ms = r->cooldown * 1000;
+        b.trips++;
+        b.cause = cause;
+        t = POLICY_T_OPEN;
+        break;
+    case POLICY_BREAKER_HALF_OPEN:
+        /* As a failed probe: the route was given a chance and failed. */
+        cd = breaker_cooldown_ms(r, cur);
+        max = r->cooldown_max * 1000;
+        b.state = POLICY_BREAKER_OPEN;
+        b.since_ms = now_ms;
+        b.cooldown_ms = cd > max / 2 ? max : cd * 2;
+        if (b.cooldown_ms < cd)
+            b.cooldown_ms = cd;
+        b.trips++;
+        b.cause = cause;
+        t = POLICY_T_REOPEN;
+        break;
+    case POLICY_BREAKER_OPEN:
+        break;
+    }
+    *next = b;
+    return t;
+}
+
 const char *policy_breaker_format(const struct policy_breaker *b, char *out, size_t n)
 {
     snprintf(out, n, "state=%s since=%" PRId64 " cooldown=%" PRId64 " trips=%" PRIu32 " cause=%s",
@@ -2476,7 +2518,7 @@ static int breaker_field(void *ctx, const char *k, size_t klen, const char *v, s
             bp->b->trips = (uint32_t)i;
         return 0;
     default:
-        x = field_name(v, vlen, cause_names, 5);
+        x = field_name(v, vlen, cause_names, sizeof(cause_names) / sizeof(cause_names[0]));
         if (x < 0)
             return -1;
         bp->b->cause = (enum policy_cause)x;

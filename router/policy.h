@@ -236,6 +236,8 @@ enum policy_cause {
     POLICY_CAUSE_DEFERRAL,      /* deferral rate above deferral_rate_max */
     POLICY_CAUSE_COMPLAINT,     /* complaint rate above complaint_rate_max */
     POLICY_CAUSE_PROBE,         /* a probe failed while half open */
+    POLICY_CAUSE_HEALTH,        /* the route's transport turned unhealthy
+                                   (policy_breaker_trip) */
 };
 
 /*
@@ -433,6 +435,25 @@ enum policy_transition policy_breaker_step(const struct policy_config *cfg, size
                                            enum policy_scope scope,
                                            const struct policy_breaker *cur,
                                            const struct policy_window *w, int64_t now_ms,
+                                           struct policy_breaker *next);
+
+/*
+ * Opens the route-wide breaker of route i at once, for a cause found
+ * outside the window (POLICY_CAUSE_HEALTH: the router saw the route's
+ * transport turn unhealthy, e.g. the relay listed on a DNSBL or its tunnel
+ * down), so that the route comes back through the half-open probes:
+ *
+ *   closed:    -> open for breaker_cooldown (POLICY_T_OPEN)
+ *   half_open: -> open with the cool-down doubled up to
+ *                 breaker_cooldown_max, as after a failed probe
+ *                 (POLICY_T_REOPEN)
+ *   open:      stays (POLICY_T_NONE)
+ *
+ * Deterministic like policy_breaker_step(); cur and next may be the same.
+ */
+enum policy_transition policy_breaker_trip(const struct policy_config *cfg, size_t i,
+                                           const struct policy_breaker *cur,
+                                           enum policy_cause cause, int64_t now_ms,
                                            struct policy_breaker *next);
 
 /* Writes b as "state=open since=<ms> cooldown=<ms> trips=<n> cause=<name>"

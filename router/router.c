@@ -462,6 +462,36 @@ static void router_on_halfopen_window(const struct policy_window *w, int status,
     free(q);
 }
 
+/*
+ * Route i's transport just turned unhealthy and asks for its breaker to
+ * open (transport_ops.health_opens_breaker): open it now, so that the
+ * route takes traffic back through half-open probes once it is healthy
+ * again. Persisted like any transition (compare-and-set on the breaker
+ * this router last read).
+ */
+static void router_health_trip(struct router *r, size_t i, const char *why)
+{
+    struct policy_breaker next;
+    struct policy_route_info info;
+    enum policy_transition tr;
+    char raw[160], q[300];
+
+    if (!r->have_snapshot || i >= policy_route_count(r->live))
+        return;
+    tr = policy_breaker_trip(r->live, i, &r->snap[i].breaker, POLICY_CAUSE_HEALTH, router_now(),
+                             &next);
+    if (tr == POLICY_T_NONE)
+        return;
+    policy_route_info(r->live, i, &info);
+    policy_breaker_format(&next, raw, sizeof(raw));
+    log_warn("event=breaker route=%s transition=%s cause=health cooldown_ms=%" PRId64
+             " reason=%s", info.name, policy_transition_name(tr), next.cooldown_ms,
+             log_quote(q, sizeof(q), why, strlen(why)));
+    store_breaker_cas(r->store, info.name, NULL, r->snap[i].breaker_raw, raw);
+    r->snap[i].breaker = next;
+    snprintf(r->snap[i].breaker_raw, sizeof(r->snap[i].breaker_raw), "%s", raw);
+}
+
 static void router_update_health(struct router *r)
 {
     int64_t now = router_now();
@@ -479,11 +509,15 @@ static void router_update_health(struct router *r)
          * not keep what a previous life of the router saw. */
         if (rt->reported && h == rt->healthy && strcmp(why, rt->why) == 0)
             continue;
-        rt->reported = 1;
         policy_route_info(r->live, i, &info);
         if (h != rt->healthy)
             log_warn("event=route_health route=%s healthy=%s reason=\"%s\"", info.name,
                      h ? "yes" : "no", why);
+        /* Only a change this router saw trips the breaker: a route found
+         * unhealthy at start (not checked yet) has not failed. */
+        if (rt->reported && rt->healthy && !h && rt->ops->health_opens_breaker)
+            router_health_trip(r, i, why);
+        rt->reported = 1;
         rt->healthy = h;
         snprintf(rt->why, sizeof(rt->why), "%s", why);
         store_health(r->store, info.name, h, why, now);
@@ -719,6 +753,79 @@ void router_choose(struct router *r, const struct store_msg *m, const char *doma
     snprintf(q->sender_domain, sizeof(q->sender_domain), "%s", at ? at + 1 : "");
     snprintf(q->cls, sizeof(q->cls), "%s", m->cls);
     store_domain(r->store, r->live, domain, router_now(), router_on_domain, q);
+}
+
+/* A pinned group skips the policy's choice of route but not its limits:
+ * the route must be enabled and healthy, and the caps are reserved. */
+struct router_later {
+    uv_timer_t timer;
+    struct router_choice c;
+    router_choice_cb cb;
+    void *arg;
+};
+
+static void router_later_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void router_later_fire(uv_timer_t *t)
+{
+    struct router_later *l = t->data;
+
+    l->cb(&l->c, 0, l->arg);
+    uv_close((uv_handle_t *)&l->timer, router_later_closed);
+}
+
+/* Answers a choice from the loop, never from inside the caller's call. */
+static void router_answer_later(struct router *r, const struct router_choice *c,
+                                router_choice_cb cb, void *arg)
+{
+    struct router_later *l = xcalloc(1, sizeof(*l));
+
+    l->c = *c;
+    l->cb = cb;
+    l->arg = arg;
+    uv_timer_init(r->loop, &l->timer);
+    l->timer.data = l;
+    uv_timer_start(&l->timer, router_later_fire, 0, 0);
+}
+
+void router_choose_pinned(struct router *r, const struct store_msg *m, const char *domain,
+                          uint32_t n, const char *route, router_choice_cb cb, void *arg)
+{
+    struct router_choose_req *q = xcalloc(1, sizeof(*q));
+    struct policy_route_info info;
+    struct policy_caps caps;
+    int i = policy_route_find(r->live, route);
+    int64_t now = router_now();
+
+    q->r = r;
+    q->cb = cb;
+    q->arg = arg;
+    q->n = n;
+    snprintf(q->domain, sizeof(q->domain), "%s", domain);
+    q->nroutes = r->nroutes;
+    q->st = xcalloc(r->nroutes ? r->nroutes : 1, sizeof(*q->st));
+    q->tries = (int)r->nroutes + 2;   /* a spent cap holds instead of overflowing */
+    memset(&q->d, 0, sizeof(q->d));
+    if (i >= 0)
+        policy_route_info(r->live, (size_t)i, &info);
+    if (i < 0 || !info.enabled || !r->routes[i].healthy || r->routes[i].closed) {
+        struct router_choice c;
+        q->d.route = POLICY_HOLD;
+        q->d.reason = POLICY_R_HOLD_STRICT;
+        snprintf(q->d.text, sizeof(q->d.text), "hold:pinned:%s", route);
+        router_choice_fill(q, &c);
+        router_answer_later(r, &c, cb, arg);
+        router_choose_free(q);
+        return;
+    }
+    q->d.route = i;
+    q->d.reason = POLICY_R_PIN_RCPT;
+    snprintf(q->d.text, sizeof(q->d.text), "pinned:ambiguous");
+    policy_route_caps(r->live, (size_t)i, domain, now, &caps);
+    store_reserve(r->store, info.name, domain, now, n, &caps, router_on_reserve, q);
 }
 
 /* ---- after an outcome ------------------------------------------------------------ */

@@ -88,6 +88,12 @@ typedef void (*router_choice_cb)(const struct router_choice *c, int status, void
 void router_choose(struct router *r, const struct store_msg *m, const char *domain, uint32_t n,
                    router_choice_cb cb, void *arg);
 
+/* The choice for a group whose recipients must go through one route (an
+ * earlier ambiguous delivery): that route if it can take mail now, else
+ * HOLD. Caps are reserved as for router_choose(). */
+void router_choose_pinned(struct router *r, const struct store_msg *m, const char *domain,
+                          uint32_t n, const char *route, router_choice_cb cb, void *arg);
+
 /* After a group's outcome was recorded: throttle and breaker follow-up. */
 void router_outcome(struct router *r, const struct router_choice *c, const char *domain,
                     const struct transport_result *res);

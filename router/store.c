@@ -603,6 +603,7 @@ void store_msg_free(struct store_msg *m)
         free(m->rcpts[i].text);
         free(m->rcpts[i].route);
         free(m->rcpts[i].remote);
+        free(m->rcpts[i].pin);
     }
     free(m->rcpts);
     free(m);
@@ -639,6 +640,8 @@ static void store_parse_rcpt_state(struct store_rcpt *r, const char *json, size_
     r->t = (int64_t)json_integer_value(json_object_get(o, "t"));
     r->attempts = (int)json_integer_value(json_object_get(o, "n"));
     r->bounced = json_is_true(json_object_get(o, "b"));
+    if (json_string_value(json_object_get(o, "pin")))
+        r->pin = xstrdup(json_string_value(json_object_get(o, "pin")));
     json_decref(o);
 }
 
@@ -1150,6 +1153,8 @@ static char *store_rcpt_json(const struct store_rcpt *r)
     json_object_set_new(o, "n", json_integer(r->attempts));
     if (r->bounced)
         json_object_set_new(o, "b", json_true());
+    if (r->pin)
+        json_object_set_new(o, "pin", json_string(r->pin));
     s = json_dumps(o, JSON_COMPACT);
     json_decref(o);
     return s;
@@ -1262,6 +1267,14 @@ void store_record(struct store *s, const struct store_msg *m, const struct store
         cmds_argf(&c, "%" PRId64, o->latency_ms);
         cmds_arg(&c, "attempt");
         cmds_argf(&c, "%d", r->attempts);
+        if (o->provider_id && o->provider_id[0]) {
+            cmds_arg(&c, "provider_id");
+            cmds_arg(&c, o->provider_id);
+        }
+        if (r->pin) {
+            cmds_arg(&c, "ambiguous");
+            cmds_arg(&c, "1");
+        }
 
         if (r->state == STORE_RCPT_DELIVERED)
             delivered++;

@@ -43,6 +43,10 @@ struct store_rcpt {
     int64_t t;                   /* time of the last attempt, ms */
     int attempts;
     int bounced;                 /* a DSN for this failure was queued */
+    /* Route this recipient must be retried through, or NULL: set when a
+     * delivery ended ambiguously (the first route may have delivered it)
+     * and that route does not allow resending elsewhere. */
+    char *pin;
     int dirty;                   /* changed since loaded: written by the
                                     finish functions */
 };
@@ -195,6 +199,7 @@ struct store_outcome {
     int probe_domain;
     int64_t probe_route_since;   /* ... under these half-open periods */
     int64_t probe_domain_since;
+    const char *provider_id;     /* API message id, "" or NULL when none */
 };
 
 /* Writes the new states of the group's recipients (already updated in

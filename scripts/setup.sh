@@ -9,7 +9,7 @@ libuv1-dev libssl-dev libhiredis-dev libcmocka-dev libc-ares-dev
 libcurl4-openssl-dev libjansson-dev libinih-dev libhttp-parser-dev
 libopendkim-dev libgmime-3.0-dev libcrypt-dev
 redis-server openssl ca-certificates
-swaks libnet-ssleay-perl curl python3 python3-pytest python3-aiosmtpd python3-dkim
+swaks libnet-ssleay-perl curl python3 python3-pytest python3-aiosmtpd python3-dkim python3-nacl python3-dnspython
 dnsmasq-base postfix opendkim-tools iproute2 procps
 prometheus
 "

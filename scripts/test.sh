@@ -5,8 +5,10 @@
 # unit and integration tests once more under AddressSanitizer and
 # UndefinedBehaviorSanitizer.
 #
-# Environment: FUZZ_SECONDS (default 60) per fuzzer; SKIP_SANITIZE=1 and
-# SKIP_FUZZ=1 shorten a local run (CI runs everything).
+# Environment: FUZZ_SECONDS (default 60) per fuzzer; SKIP_SANITIZE=1,
+# SKIP_FUZZ=1 and SKIP_DOCKER=1 shorten a local run (CI runs everything).
+# The Docker Compose test builds the images and brings the stack up with a
+# Docker engine (scripts/docker-engine.sh starts a private one if none runs).
 set -uo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -72,6 +74,10 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
     step "fuzz build" build "$top/build-fuzz" -DCMAKE_C_COMPILER=clang -DMF_FUZZ=ON \
         -DCMAKE_BUILD_TYPE=Debug
     step "fuzzers" fuzz "$top/build-fuzz"
+fi
+
+if [ "${SKIP_DOCKER:-0}" != 1 ]; then
+    step "docker compose" /usr/bin/python3 "$top/tests/docker/test_compose.py"
 fi
 
 if [ "${SKIP_SANITIZE:-0}" != 1 ]; then

@@ -10,10 +10,12 @@
 
 extern const struct transport_ops smtp_transport_ops;
 extern const struct transport_ops api_transport_ops;
+extern const struct transport_ops relay_transport_ops;
 
 static const struct transport_ops *const transport_table[] = {
     &smtp_transport_ops,
     &api_transport_ops,
+    &relay_transport_ops,
 };
 
 const struct transport_ops *transport_find(const char *name)

@@ -80,6 +80,13 @@ struct transport_ops {
     /* 1 healthy, 0 not; why gets a short reason. */
     int (*health)(struct transport *t, char *why, size_t whylen);
     void (*close)(struct transport *t, void (*closed)(void *arg), void *arg);
+    /* 1: when health() turns from healthy to unhealthy, the router also
+     * opens the route's breaker (cause "health"), so that the route takes
+     * traffic back through the breaker's half-open probes rather than all
+     * at once when it is healthy again (the relay: a DNSBL listing, a PTR
+     * mismatch or a dead tunnel). 0: the route resumes as soon as it is
+     * healthy. */
+    int health_opens_breaker;
 };
 
 /* Looks a transport up by name; NULL when unknown. */

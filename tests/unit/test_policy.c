@@ -35,24 +35,40 @@
 
 /* ---- Helpers ------------------------------------------------------------ */
 
+/* policy_config_set() of key must accept value. */
+static void set_ok(struct policy_config *cfg, const char *key, const char *value)
+{
+    char err[256];
+    int rc = policy_config_set(cfg, key, value, err, sizeof(err));
+
+    if (rc != POLICY_OK)
+        fail_msg("\"%s\" = \"%s\": rc %d: %s", key, value, rc, err);
+}
+
+/* policy_config_get() of key must succeed and give want. */
+static void assert_get(const struct policy_config *cfg, const char *key, const char *want)
+{
+    char val[256];
+
+    assert_int_equal(policy_config_get(cfg, key, val, sizeof(val)), POLICY_OK);
+    assert_string_equal(val, want);
+}
+
 /* Applies "key = value" lines; every one must be accepted. */
 static void apply_lines(struct policy_config *cfg, const char *const *lines)
 {
-    char err[256], key[512];
+    char key[512];
 
     for (size_t i = 0; i < MAXLINES && lines[i]; i++) {
         const char *eq = strchr(lines[i], '=');
         size_t klen;
-        int rc;
 
         assert_non_null(eq);
         klen = (size_t)(eq - lines[i]);
         assert_true(klen < sizeof(key));
         memcpy(key, lines[i], klen);
         key[klen] = '\0';
-        rc = policy_config_set(cfg, key, eq + 1, err, sizeof(err));
-        if (rc != POLICY_OK)
-            fail_msg("line \"%s\": rc %d: %s", lines[i], rc, err);
+        set_ok(cfg, key, eq + 1);
     }
 }
 
@@ -794,7 +810,6 @@ static void test_warmup_days(void **state)
         {INT64_C(1715385600000), 0, 5000},        /* 2024-05-11: over, cap_day */
     };
     struct policy_config *cfg = config_from(lines);
-    char err[256];
 
     (void)state;
     for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
@@ -804,13 +819,12 @@ static void test_warmup_days(void **state)
     assert_int_equal(policy_warmup_day(cfg, 1, NOW), 0);
     assert_int_equal(policy_route_day_cap(cfg, 1, NOW), 7);
     /* cap_day lower than the warm-up day's cap wins. */
-    assert_int_equal(policy_config_set(cfg, "route.relay.cap_day", "80", err, sizeof(err)), 0);
+    set_ok(cfg, "route.relay.cap_day", "80");
     assert_int_equal(policy_route_day_cap(cfg, 0, NOW), 80);
     assert_int_equal(policy_route_day_cap(cfg, 0, INT64_C(1715126400000)), 50);
     /* A day number is the same as the date. */
-    assert_int_equal(policy_config_set(cfg, "route.relay.warmup_start", "19851", err, sizeof(err)), 0);
-    assert_int_equal(policy_config_get(cfg, "route.relay.warmup_start", err, sizeof(err)), 0);
-    assert_string_equal(err, "2024-05-08");
+    set_ok(cfg, "route.relay.warmup_start", "19851");
+    assert_get(cfg, "route.relay.warmup_start", "2024-05-08");
     assert_int_equal(policy_warmup_day(cfg, 0, NOW), 3);
     policy_config_free(cfg);
 }
@@ -1039,8 +1053,8 @@ static void test_config_set_table(void **state)
         int rc;
 
         /* A baseline so that "nothing applied" can be observed. */
-        assert_int_equal(policy_config_set(cfg, "route.relay.transport", "relay", err, sizeof(err)), 0);
-        assert_int_equal(policy_config_set(cfg, "route.api.transport", "api", err, sizeof(err)), 0);
+        set_ok(cfg, "route.relay.transport", "relay");
+        set_ok(cfg, "route.api.transport", "api");
         policy_config_get(cfg, c->key, before, sizeof(before));
         rc = policy_config_set(cfg, c->key, c->value, err, sizeof(err));
         if (rc != c->rc)
@@ -1076,11 +1090,10 @@ static void test_config_nothing_applied(void **state)
     assert_int_equal(policy_route_find(cfg, "NEW"), 0);
     assert_int_equal(policy_config_set_route(cfg, "new", "user", "x", err, sizeof(err)),
                      POLICY_E_NOT_POLICY);
-    assert_int_equal(policy_config_set(cfg, "pin.sender.a.example", "new", err, sizeof(err)), 0);
+    set_ok(cfg, "pin.sender.a.example", "new");
     assert_int_equal(policy_config_set(cfg, "pin.sender.a.example", "new:0", err, sizeof(err)),
                      POLICY_E_INVALID);
-    assert_int_equal(policy_config_get(cfg, "pin.sender.a.example", err, sizeof(err)), 0);
-    assert_string_equal(err, "new");
+    assert_get(cfg, "pin.sender.a.example", "new");
     policy_config_free(cfg);
 }
 
@@ -1101,7 +1114,7 @@ static void test_config_frozen(void **state)
     assert_int_equal(policy_config_set(live, "route.relay.transport", "api", err, sizeof(err)),
                      POLICY_E_INVALID);
     assert_non_null(strstr(err, "cannot change at run time"));
-    assert_int_equal(policy_config_set(live, "route.relay.transport", "relay", err, sizeof(err)), 0);
+    set_ok(live, "route.relay.transport", "relay");
     assert_int_equal(policy_config_set(live, "pin.sender.x.example", "nosuch", err, sizeof(err)),
                      POLICY_E_INVALID);
     assert_non_null(strstr(err, "no route named \"nosuch\""));
@@ -1109,19 +1122,17 @@ static void test_config_frozen(void **state)
                      POLICY_E_INVALID);
     assert_int_equal(policy_config_set(live, "route.relay.overflow", "nosuch", err, sizeof(err)),
                      POLICY_E_INVALID);
-    assert_int_equal(policy_config_set(live, "route.relay.overflow", "api", err, sizeof(err)), 0);
-    assert_int_equal(policy_config_set(live, "route.relay.cap_minute", "77", err, sizeof(err)), 0);
+    set_ok(live, "route.relay.overflow", "api");
+    set_ok(live, "route.relay.cap_minute", "77");
     assert_int_equal(policy_route_count(live), 2);
     /* The clone is independent of its source. */
-    assert_int_equal(policy_config_get(cfg, "route.relay.cap_minute", err, sizeof(err)), 0);
-    assert_string_equal(err, "0");
-    assert_int_equal(policy_config_get(live, "route.relay.cap_minute", err, sizeof(err)), 0);
-    assert_string_equal(err, "77");
+    assert_get(cfg, "route.relay.cap_minute", "0");
+    assert_get(live, "route.relay.cap_minute", "77");
     policy_config_free(live);
     /* Reset returns to an empty, unfrozen config with the default patterns. */
     policy_config_reset(cfg);
     assert_int_equal(policy_route_count(cfg), 0);
-    assert_int_equal(policy_config_set(cfg, "route.newone.transport", "smtp", err, sizeof(err)), 0);
+    set_ok(cfg, "route.newone.transport", "smtp");
     assert_int_equal(policy_classify_reply(cfg, 421, "4.7.28", NULL), POLICY_REPLY_THROTTLE);
     policy_config_free(cfg);
 }
@@ -1247,18 +1258,12 @@ static void test_config_get_list(void **state)
     policy_config_list(copy, collect_plain, &again);
     assert_string_equal(first.data, again.data);
 
-    assert_int_equal(policy_config_get(cfg, "route.relay.cap_minute", val, sizeof(val)), 0);
-    assert_string_equal(val, "100");
-    assert_int_equal(policy_config_get(cfg, " Route.Relay.Window ", val, sizeof(val)), 0);
-    assert_string_equal(val, "7200");
-    assert_int_equal(policy_config_get(cfg, "route.relay.domain_caps.gmail.com", val, sizeof(val)), 0);
-    assert_string_equal(val, "1,2,3");
-    assert_int_equal(policy_config_get(cfg, "route.relay.domain_caps.yahoo.com", val, sizeof(val)), 0);
-    assert_string_equal(val, "none");
-    assert_int_equal(policy_config_get(cfg, "pin.rcpt.gmail.com", val, sizeof(val)), 0);
-    assert_string_equal(val, "none");
-    assert_int_equal(policy_config_get(cfg, "split.class.bulk", val, sizeof(val)), 0);
-    assert_string_equal(val, "none");
+    assert_get(cfg, "route.relay.cap_minute", "100");
+    assert_get(cfg, " Route.Relay.Window ", "7200");
+    assert_get(cfg, "route.relay.domain_caps.gmail.com", "1,2,3");
+    assert_get(cfg, "route.relay.domain_caps.yahoo.com", "none");
+    assert_get(cfg, "pin.rcpt.gmail.com", "none");
+    assert_get(cfg, "split.class.bulk", "none");
     assert_int_equal(policy_config_get(cfg, "route.relay.host", val, sizeof(val)),
                      POLICY_E_NOT_POLICY);
     assert_int_equal(policy_config_get(cfg, "route.nosuch.cap_minute", val, sizeof(val)),
@@ -1294,20 +1299,15 @@ static void test_config_remove_and_names(void **state)
                                         "pin.rcpt.yahoo.com = api", "pin.rcpt.aol.com = relay",
                                         "split.class.bulk = api", NULL};
     struct policy_config *cfg = config_from(lines);
-    char err[256];
 
     (void)state;
-    assert_int_equal(policy_config_set(cfg, "pin.rcpt.yahoo.com", "none", err, sizeof(err)), 0);
-    assert_int_equal(policy_config_set(cfg, "pin.rcpt.nothere.com", "none", err, sizeof(err)), 0);
-    assert_int_equal(policy_config_set(cfg, "split.class.bulk", "", err, sizeof(err)), 0);
-    assert_int_equal(policy_config_get(cfg, "pin.rcpt.yahoo.com", err, sizeof(err)), 0);
-    assert_string_equal(err, "none");
-    assert_int_equal(policy_config_get(cfg, "pin.rcpt.gmail.com", err, sizeof(err)), 0);
-    assert_string_equal(err, "api");
-    assert_int_equal(policy_config_get(cfg, "pin.rcpt.aol.com", err, sizeof(err)), 0);
-    assert_string_equal(err, "relay");
-    assert_int_equal(policy_config_get(cfg, "split.class.bulk", err, sizeof(err)), 0);
-    assert_string_equal(err, "none");
+    set_ok(cfg, "pin.rcpt.yahoo.com", "none");
+    set_ok(cfg, "pin.rcpt.nothere.com", "none");
+    set_ok(cfg, "split.class.bulk", "");
+    assert_get(cfg, "pin.rcpt.yahoo.com", "none");
+    assert_get(cfg, "pin.rcpt.gmail.com", "api");
+    assert_get(cfg, "pin.rcpt.aol.com", "relay");
+    assert_get(cfg, "split.class.bulk", "none");
 
     for (int r = 0; r < POLICY_R__COUNT; r++) {
         const char *n = policy_reason_name((enum policy_reason)r);

@@ -1,11 +1,11 @@
 /*
  * Unit tests for lib/queue.c against a real redis-server.
  *
- * The test starts its own redis-server (127.0.0.1, a free port, no
- * persistence, a temporary --dir) with fork/exec and stops it by PID. Tests
- * that need Redis to fail kill it, pause it with SIGSTOP, or restart it on
- * the same port; the queue object is never recreated to recover, because
- * reconnecting on its own is the contract.
+ * The test starts its own redis-server through the shared fixture
+ * (tests/unit/redis_server.h: 127.0.0.1, a free port, no persistence, a
+ * temporary --dir). Tests that need Redis to fail kill it, pause it with
+ * SIGSTOP, or restart it on the same port; the queue object is never
+ * recreated to recover, because reconnecting on its own is the contract.
  *
  * Every test ends with queue_close(), runs the loop until on_closed, then
  * runs it to completion and checks that uv_loop_close() succeeds: no handle
@@ -19,16 +19,11 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/time.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,166 +34,34 @@
 #include "lib/config.h"
 #include "lib/log.h"
 #include "lib/queue.h"
+#include "tests/unit/redis_server.h"
 
 #define S(lit) lit, sizeof(lit) - 1
 
-static char tmpdir[64];
-static int redis_port;
-static pid_t redis_pid;
-
-/* ---- redis-server management --------------------------------------------------- */
-
-static int free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int port;
-
-    assert_true(fd >= 0);
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
-
-/* Answers at all (any reply, an error such as NOAUTH included). */
-static int redis_answers(int port)
-{
-    struct timeval tv = {0, 200000};
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
-    redisReply *r;
-    int ok = 0;
-
-    if (c == NULL)
-        return 0;
-    if (c->err == 0) {
-        redisSetTimeout(c, tv);
-        r = redisCommand(c, "PING");
-        ok = r != NULL;
-        if (r)
-            freeReplyObject(r);
-    }
-    redisFree(c);
-    return ok;
-}
-
-/* Starts redis-server on port with extra arguments (NULL-terminated) and
- * waits until it answers. */
-static pid_t redis_start(int port, const char *const *extra)
-{
-    char portstr[16];
-    const char *argv[32];
-    int n = 0;
-    pid_t pid;
-
-    snprintf(portstr, sizeof(portstr), "%d", port);
-    argv[n++] = "redis-server";
-    argv[n++] = "--port";
-    argv[n++] = portstr;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = "no";
-    argv[n++] = "--dir";
-    argv[n++] = tmpdir;
-    argv[n++] = "--daemonize";
-    argv[n++] = "no";
-    for (int i = 0; extra && extra[i]; i++)
-        argv[n++] = extra[i];
-    argv[n] = NULL;
-
-    pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDWR);
-        if (devnull >= 0) {
-            dup2(devnull, 0);
-            dup2(devnull, 1);
-            dup2(devnull, 2);
-        }
-        execvp("redis-server", (char *const *)argv);
-        _exit(127);
-    }
-    for (int i = 0; i < 200; i++) {
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid)
-            fail_msg("redis-server exited at start (status %d)", st);
-        if (redis_answers(port))
-            return pid;
-        usleep(50000);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    fail_msg("redis-server did not answer on port %d", port);
-    return -1;
-}
-
-static void redis_stop(pid_t pid)
-{
-    if (pid <= 0)
-        return;
-    /* SIGKILL also ends a stopped process; no SIGCONT first, so that a
-     * paused Redis never gets to run what is in its socket. */
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-}
-
-/* A synchronous client for checks, AUTHed and SELECTed as asked. */
-static redisContext *redis_sync(int port, const char *password, int db)
-{
-    redisContext *c = redisConnect("127.0.0.1", port);
-    redisReply *r;
-
-    assert_non_null(c);
-    assert_int_equal(c->err, 0);
-    if (password) {
-        r = redisCommand(c, "AUTH %s", password);
-        assert_non_null(r);
-        assert_int_equal(r->type, REDIS_REPLY_STATUS);
-        freeReplyObject(r);
-    }
-    r = redisCommand(c, "SELECT %d", db);
-    assert_non_null(r);
-    assert_int_equal(r->type, REDIS_REPLY_STATUS);
-    freeReplyObject(r);
-    return c;
-}
+/* The group's redis-server (see tests/unit/redis_server.h). */
+static struct redis_server srv;
 
 static int group_setup(void **state)
 {
     (void)state;
     const char *lvl = getenv("MF_LOG_LEVEL");
     log_set_level(lvl ? lvl : "info");
-    snprintf(tmpdir, sizeof(tmpdir), "/tmp/mf-test-queue.XXXXXX");
-    if (mkdtemp(tmpdir) == NULL)
-        return -1;
-    redis_port = free_port();
-    redis_pid = redis_start(redis_port, NULL);
-    return 0;
+    return redis_server_setup(&srv, "queue");
 }
 
 /* A test that failed while Redis was paused must not break the next. */
 static int test_setup(void **state)
 {
     (void)state;
-    if (redis_pid > 0)
-        kill(redis_pid, SIGCONT);
+    if (srv.pid > 0)
+        kill(srv.pid, SIGCONT);
     return 0;
 }
 
 static int group_teardown(void **state)
 {
     (void)state;
-    redis_stop(redis_pid);
-    redis_pid = 0;
-    rmdir(tmpdir);
+    redis_server_teardown(&srv);
     return 0;
 }
 
@@ -226,29 +89,6 @@ static void fixture_init(struct fixture *f, int port, int timeout)
     f->cfg.queue.wait_timeout = 100;
 }
 
-static void deadline_cb(uv_timer_t *t)
-{
-    *(int *)t->data = 1;
-}
-
-/* Runs the loop until cond(arg) holds or ms pass; returns cond(arg). */
-static int run_until(uv_loop_t *loop, int (*cond)(void *), void *arg, unsigned ms)
-{
-    uv_timer_t deadline;
-    int expired = 0;
-    int ok;
-
-    uv_timer_init(loop, &deadline);
-    deadline.data = &expired;
-    uv_timer_start(&deadline, deadline_cb, ms, 0);
-    while (!cond(arg) && !expired)
-        uv_run(loop, UV_RUN_ONCE);
-    ok = cond(arg);
-    uv_close((uv_handle_t *)&deadline, NULL);
-    uv_run(loop, UV_RUN_NOWAIT);
-    return ok;
-}
-
 static int cond_ready(void *arg)
 {
     return queue_ready(arg);
@@ -271,6 +111,13 @@ static void on_closed(void *arg)
     f->closed++;
     if (f->calls_counter)
         f->calls_at_close = *f->calls_counter;
+}
+
+/* Creates the queue from f->cfg and waits until it is ready. */
+static void fixture_open(struct fixture *f)
+{
+    f->q = queue_new(&f->loop, &f->cfg);
+    assert_true(run_until(&f->loop, cond_ready, f->q, 5000));
 }
 
 /* Closes the queue, waits for on_closed and checks nothing is left. */
@@ -340,63 +187,28 @@ static void simple_msg(struct queue_msg *m)
     m->helo = "client.example";
 }
 
-/* Enqueues a small message and expects success. */
-static void enqueue_ok(struct fixture *f)
+/* Enqueues a small message under a fresh id (written to id) and waits
+ * until its callback has filled r. */
+static void enqueue_simple(struct fixture *f, char *id, struct result *r)
 {
     struct queue_msg m;
-    struct result r = {0};
-    char id[QUEUE_ID_LEN + 1];
 
     simple_msg(&m);
     queue_id_new(id);
-    enqueue(f->q, id, &m, &r);
-    assert_true(run_until(&f->loop, cond_called, &r, 5000));
+    enqueue(f->q, id, &m, r);
+    assert_true(run_until(&f->loop, cond_called, r, 5000));
+}
+
+/* Enqueues a small message and expects success. */
+static void enqueue_ok(struct fixture *f)
+{
+    struct result r = {0};
+    char id[QUEUE_ID_LEN + 1];
+
+    enqueue_simple(f, id, &r);
     assert_int_equal(r.calls, 1);
     assert_int_equal(r.status, 0);
     assert_int_equal(queue_pending_bytes(f->q), 0);
-}
-
-/* Captures what the module logs (stderr) into a file while active. */
-struct capture {
-    int saved;
-    char path[128];
-};
-
-static void capture_start(struct capture *c)
-{
-    int fd;
-
-    snprintf(c->path, sizeof(c->path), "%s/stderr.log", tmpdir);
-    fd = open(c->path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    assert_true(fd >= 0);
-    fflush(stderr);
-    c->saved = dup(2);
-    dup2(fd, 2);
-    close(fd);
-}
-
-/* Restores stderr, echoes the captured text and returns it (caller frees). */
-static char *capture_stop(struct capture *c)
-{
-    FILE *fp;
-    char *text;
-    long n;
-
-    fflush(stderr);
-    dup2(c->saved, 2);
-    close(c->saved);
-    fp = fopen(c->path, "rb");
-    assert_non_null(fp);
-    fseek(fp, 0, SEEK_END);
-    n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    text = calloc(1, (size_t)n + 1);
-    assert_non_null(text);
-    assert_int_equal(fread(text, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    unlink(c->path);
-    fputs(text, stderr);
-    return text;
 }
 
 /* ---- tests ------------------------------------------------------------------------------ */
@@ -474,9 +286,8 @@ static void test_enqueue_fields(void **state)
     int found = 0;
 
     (void)state;
-    fixture_init(&f, redis_port, 5);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 5);
+    fixture_open(&f);
 
     memset(&m, 0, sizeof(m));
     m.from = "sender@example.com";
@@ -499,7 +310,7 @@ static void test_enqueue_fields(void **state)
     assert_int_equal(r.status, 0);
     assert_int_equal(queue_pending_bytes(f.q), 0);
 
-    c = redis_sync(redis_port, NULL, 0);
+    c = redis_server_connect(srv.port, NULL, 0);
     snprintf(key, sizeof(key), "mf:msg:%s", id);
     h = redisCommand(c, "HGETALL %s", key);
     assert_non_null(h);
@@ -568,7 +379,7 @@ static void test_enqueue_fields(void **state)
         enqueue(f.q, id, &m, &r2);
         assert_true(run_until(&f.loop, cond_called, &r2, 5000));
         assert_int_equal(r2.status, 0);
-        c = redis_sync(redis_port, NULL, 0);
+        c = redis_server_connect(srv.port, NULL, 0);
         h = redisCommand(c, "HGETALL mf:msg:%s", id);
         assert_int_equal(h->elements, 20);
         assert_field(h, "from", S(""));
@@ -592,9 +403,8 @@ static void test_invalid_utf8_rcpt(void **state)
     char id[QUEUE_ID_LEN + 1];
 
     (void)state;
-    fixture_init(&f, redis_port, 5);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 5);
+    fixture_open(&f);
     simple_msg(&m);
     m.rcpts = rcpts;
     queue_id_new(id);
@@ -606,7 +416,7 @@ static void test_invalid_utf8_rcpt(void **state)
     assert_int_equal(queue_pending_bytes(f.q), 0);
     /* Nothing was written, and the connection is still usable. */
     {
-        redisContext *c = redis_sync(redis_port, NULL, 0);
+        redisContext *c = redis_server_connect(srv.port, NULL, 0);
         redisReply *v = redisCommand(c, "EXISTS mf:msg:%s", id);
         assert_int_equal(v->integer, 0);
         freeReplyObject(v);
@@ -626,7 +436,7 @@ static void test_not_connected(void **state)
 
     (void)state;
     /* Nothing listens there. */
-    fixture_init(&f, free_port(), 1);
+    fixture_init(&f, redis_server_free_port(), 1);
     f.q = queue_new(&f.loop, &f.cfg);
     assert_false(queue_ready(f.q));
     simple_msg(&m);
@@ -659,25 +469,23 @@ static void test_kill_and_restart(void **state)
     struct queue_msg m;
     struct result r1 = {0}, r2 = {0};
     char id[QUEUE_ID_LEN + 1];
-    static const char *const fast[] = {"--loglevel", "warning", NULL};
 
     (void)state;
-    fixture_init(&f, redis_port, 5);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 5);
+    fixture_open(&f);
     enqueue_ok(&f);
 
     /* A transaction in flight when Redis dies fails as a lost connection;
      * its EXEC had reached the socket, so lib/redis.c reports the outcome
      * as unknown (the header's at-least-once case). */
     simple_msg(&m);
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     queue_id_new(id);
     enqueue(f.q, id, &m, &r1);
     run_until(&f.loop, cond_called, &r1, 200);
     assert_int_equal(r1.calls, 0);
-    redis_stop(redis_pid);
-    redis_pid = 0;
+    redis_server_stop(srv.pid);
+    srv.pid = 0;
     assert_true(run_until(&f.loop, cond_called, &r1, 3000));
     assert_int_equal(r1.calls, 1);
     assert_int_equal(r1.status, -ECONNRESET);
@@ -695,7 +503,7 @@ static void test_kill_and_restart(void **state)
      * port: the same queue object reconnects within a few seconds. */
     run_until(&f.loop, cond_ready, f.q, 1500);
     assert_false(queue_ready(f.q));
-    redis_pid = redis_start(redis_port, fast);
+    srv.pid = redis_server_start(srv.dir, srv.port, NULL);
     assert_true(run_until(&f.loop, cond_ready, f.q, 7000));
     enqueue_ok(&f);
     fixture_finish(&f);
@@ -713,11 +521,10 @@ static void test_timeout_sigstop(void **state)
     double waited;
 
     (void)state;
-    fixture_init(&f, redis_port, 1);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 1);
+    fixture_open(&f);
 
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     simple_msg(&m);
     queue_id_new(id);
     start = uv_hrtime();
@@ -737,7 +544,7 @@ static void test_timeout_sigstop(void **state)
     run_until(&f.loop, cond_ready, f.q, 1500);
     assert_false(queue_ready(f.q));
 
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
     assert_true(run_until(&f.loop, cond_ready, f.q, 8000));
     enqueue_ok(&f);
     fixture_finish(&f);
@@ -748,7 +555,7 @@ static void test_timeout_sigstop(void **state)
      * at-least-once case of lib/queue.h (the client's retry makes a second
      * message). */
     {
-        redisContext *c = redis_sync(redis_port, NULL, 0);
+        redisContext *c = redis_server_connect(srv.port, NULL, 0);
         redisReply *v = redisCommand(c, "EXISTS mf:msg:%s", id);
         assert_int_equal(v->integer, 1);
         freeReplyObject(v);
@@ -801,15 +608,14 @@ static void test_backpressure(void **state)
 
     (void)state;
     memset(big, 'x', sizeof(big));
-    fixture_init(&f, redis_port, 10);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 10);
+    fixture_open(&f);
     queue_set_backpressure(f.q, 3000, 1500, on_bp, &bp);
 
     simple_msg(&m);
     m.data = big;
     m.datalen = sizeof(big);
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     queue_id_new(id);
     enqueue(f.q, id, &m, &r1);
     assert_true(queue_pending_bytes(f.q) >= sizeof(big));
@@ -823,7 +629,7 @@ static void test_backpressure(void **state)
     assert_int_equal(bp.calls, 1);
     assert_int_equal(r1.calls + r2.calls, 0);
 
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
     assert_true(run_until(&f.loop, cond_both_done_resumed, &t, 5000));
     assert_int_equal(r1.status, 0);
     assert_int_equal(r2.status, 0);
@@ -843,13 +649,12 @@ static void test_close_with_pending(void **state)
 
     (void)state;
     memset(r, 0, sizeof(r));
-    fixture_init(&f, redis_port, 10);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 10);
+    fixture_open(&f);
     f.calls_counter = &calls;
 
     simple_msg(&m);
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     for (int i = 0; i < N; i++) {
         r[i].shared_calls = &calls;
         queue_id_new(id);
@@ -867,7 +672,7 @@ static void test_close_with_pending(void **state)
     enqueue(f.q, id, &m, &r[N]);
 
     assert_true(run_until(&f.loop, cond_closed, &f, 5000));
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
     for (int i = 0; i <= N; i++) {
         assert_int_equal(r[i].calls, 1);
         assert_int_equal(r[i].status, -ECANCELED);
@@ -886,18 +691,18 @@ static void test_close_while_connecting(void **state)
 
     (void)state;
     /* Closed right after creation: the connect is still in progress. */
-    fixture_init(&f, redis_port, 5);
+    fixture_init(&f, srv.port, 5);
     f.q = queue_new(&f.loop, &f.cfg);
     fixture_finish(&f);
 
     /* Closed in the middle of the handshake. */
-    fixture_init(&f, redis_port, 5);
-    kill(redis_pid, SIGSTOP);
+    fixture_init(&f, srv.port, 5);
+    kill(srv.pid, SIGSTOP);
     f.q = queue_new(&f.loop, &f.cfg);
     run_until(&f.loop, cond_ready, f.q, 300);
     assert_false(queue_ready(f.q));
     fixture_finish(&f);
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
 }
 
 static void test_appendonly_warning(void **state)
@@ -907,8 +712,8 @@ static void test_appendonly_warning(void **state)
     char *text;
 
     (void)state;
-    fixture_init(&f, redis_port, 5);
-    capture_start(&cap);
+    fixture_init(&f, srv.port, 5);
+    capture_start(&cap, srv.dir);
     f.q = queue_new(&f.loop, &f.cfg);
     run_until(&f.loop, cond_ready, f.q, 5000);
     text = capture_stop(&cap);
@@ -923,20 +728,15 @@ static void test_appendonly_warning(void **state)
 static void test_wait_replicas(void **state)
 {
     struct fixture f;
-    struct queue_msg m;
     struct result r = {0};
     char id[QUEUE_ID_LEN + 1];
 
     (void)state;
-    fixture_init(&f, redis_port, 5);
+    fixture_init(&f, srv.port, 5);
     f.cfg.queue.wait_replicas = 1;
     f.cfg.queue.wait_timeout = 100;
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
-    simple_msg(&m);
-    queue_id_new(id);
-    enqueue(f.q, id, &m, &r);
-    assert_true(run_until(&f.loop, cond_called, &r, 5000));
+    fixture_open(&f);
+    enqueue_simple(&f, id, &r);
     /* This Redis has no replica: WAIT answers 0, which is a failure. */
     assert_int_equal(r.status, -EIO);
     assert_string_equal(r.err, "redis: WAIT reached 0 of 1 replicas");
@@ -957,11 +757,10 @@ static void test_redis_errors(void **state)
     redisReply *v;
 
     (void)state;
-    fixture_init(&f, redis_port, 5);
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_init(&f, srv.port, 5);
+    fixture_open(&f);
     simple_msg(&m);
-    c = redis_sync(redis_port, NULL, 0);
+    c = redis_server_connect(srv.port, NULL, 0);
 
     /* The message key exists with another type: HSET answers WRONGTYPE
      * inside EXEC's array. */
@@ -1009,17 +808,16 @@ static void test_group_from_zero(void **state)
     redisReply *v;
 
     (void)state;
-    c = redis_sync(redis_port, NULL, 0);
+    c = redis_server_connect(srv.port, NULL, 0);
     v = redisCommand(c, "DEL early:ready");
     freeReplyObject(v);
     v = redisCommand(c, "XADD early:ready * id before");
     assert_int_equal(v->type, REDIS_REPLY_STRING);
     freeReplyObject(v);
 
-    fixture_init(&f, redis_port, 5);
+    fixture_init(&f, srv.port, 5);
     f.cfg.queue.prefix = "early:";
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
+    fixture_open(&f);
     fixture_finish(&f);
 
     v = redisCommand(c, "XREADGROUP GROUP routers t COUNT 10 STREAMS early:ready >");
@@ -1060,33 +858,28 @@ static void test_wait_replica_ok(void **state)
     char dir[128], primary[16];
     const char *extra[] = {"--dir", dir, "--replicaof", "127.0.0.1", primary, NULL};
     struct fixture f;
-    struct queue_msg m;
     struct result r = {0};
     char id[QUEUE_ID_LEN + 1];
-    int port = free_port();
+    int port = redis_server_free_port();
     redisContext *c;
     redisReply *v;
     pid_t pid;
 
     (void)state;
-    snprintf(dir, sizeof(dir), "%s/replica", tmpdir);
+    snprintf(dir, sizeof(dir), "%s/replica", srv.dir);
     assert_true(mkdir(dir, 0700) == 0 || errno == EEXIST);
-    snprintf(primary, sizeof(primary), "%d", redis_port);
-    pid = redis_start(port, extra);
-    c = redis_sync(redis_port, NULL, 0);
+    snprintf(primary, sizeof(primary), "%d", srv.port);
+    pid = redis_server_start(srv.dir, port, extra);
+    c = redis_server_connect(srv.port, NULL, 0);
     for (int i = 0; i < 200 && !cond_replica_online(c); i++)
         ;
     assert_true(cond_replica_online(c));
 
-    fixture_init(&f, redis_port, 5);
+    fixture_init(&f, srv.port, 5);
     f.cfg.queue.wait_replicas = 1;
     f.cfg.queue.wait_timeout = 2000;
-    f.q = queue_new(&f.loop, &f.cfg);
-    assert_true(run_until(&f.loop, cond_ready, f.q, 5000));
-    simple_msg(&m);
-    queue_id_new(id);
-    enqueue(f.q, id, &m, &r);
-    assert_true(run_until(&f.loop, cond_called, &r, 5000));
+    fixture_open(&f);
+    enqueue_simple(&f, id, &r);
     assert_int_equal(r.calls, 1);
     assert_int_equal(r.status, 0);
     assert_int_equal(queue_pending_bytes(f.q), 0);
@@ -1094,13 +887,13 @@ static void test_wait_replica_ok(void **state)
 
     /* The replica has the message. */
     {
-        redisContext *rc = redis_sync(port, NULL, 0);
+        redisContext *rc = redis_server_connect(port, NULL, 0);
         v = redisCommand(rc, "EXISTS mf:msg:%s", id);
         assert_int_equal(v->integer, 1);
         freeReplyObject(v);
         redisFree(rc);
     }
-    redis_stop(pid);
+    redis_server_stop(pid);
     redisFree(c);
     {
         char path[160];
@@ -1119,11 +912,10 @@ static void test_auth_select_no_config(void **state)
                                         "", NULL};
     struct fixture f;
     struct capture cap;
-    struct queue_msg m;
     struct result r = {0};
     char id[QUEUE_ID_LEN + 1], *text;
-    int port = free_port();
-    pid_t pid = redis_start(port, extra);
+    int port = redis_server_free_port();
+    pid_t pid = redis_server_start(srv.dir, port, extra);
     redisContext *c;
     redisReply *v;
 
@@ -1132,7 +924,7 @@ static void test_auth_select_no_config(void **state)
     f.cfg.queue.url.password = "s3cret";
     f.cfg.queue.url.db = 2;
     f.cfg.queue.prefix = "test:";
-    capture_start(&cap);
+    capture_start(&cap, srv.dir);
     f.q = queue_new(&f.loop, &f.cfg);
     run_until(&f.loop, cond_ready, f.q, 5000);
     text = capture_stop(&cap);
@@ -1140,12 +932,9 @@ static void test_auth_select_no_config(void **state)
     assert_null(strstr(text, "redis_appendonly_off"));
     free(text);
 
-    simple_msg(&m);
-    queue_id_new(id);
-    enqueue(f.q, id, &m, &r);
-    assert_true(run_until(&f.loop, cond_called, &r, 5000));
+    enqueue_simple(&f, id, &r);
     assert_int_equal(r.status, 0);
-    c = redis_sync(port, "s3cret", 2);
+    c = redis_server_connect(port, "s3cret", 2);
     v = redisCommand(c, "HGET test:msg:%s from", id);
     assert_non_null(v);
     assert_int_equal(v->type, REDIS_REPLY_STRING);
@@ -1160,7 +949,7 @@ static void test_auth_select_no_config(void **state)
     /* Wrong password: never ready, one disconnect line, closes cleanly. */
     fixture_init(&f, port, 5);
     f.cfg.queue.url.password = "wrong";
-    capture_start(&cap);
+    capture_start(&cap, srv.dir);
     f.q = queue_new(&f.loop, &f.cfg);
     run_until(&f.loop, cond_ready, f.q, 1000);
     text = capture_stop(&cap);
@@ -1174,7 +963,7 @@ static void test_auth_select_no_config(void **state)
     }
     free(text);
     fixture_finish(&f);
-    redis_stop(pid);
+    redis_server_stop(pid);
 }
 
 int main(void)

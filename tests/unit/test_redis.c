@@ -1,11 +1,11 @@
 /*
  * Unit tests for lib/redis.c against a real redis-server.
  *
- * The test starts its own redis-server (127.0.0.1, a free port, no
- * persistence, a temporary --dir) with fork/exec and stops it by PID. Tests
- * that need Redis to fail kill it, pause it with SIGSTOP, or restart it on
- * the same port; the struct redis is never recreated to recover, because
- * reconnecting on its own is the contract.
+ * The test starts its own redis-server through the shared fixture
+ * (tests/unit/redis_server.h: 127.0.0.1, a free port, no persistence, a
+ * temporary --dir). Tests that need Redis to fail kill it, pause it with
+ * SIGSTOP, or restart it on the same port; the struct redis is never
+ * recreated to recover, because reconnecting on its own is the contract.
  *
  * Every test ends with redis_close(), runs the loop until closed(), then
  * runs it to completion and checks that uv_loop_close() succeeds: no handle
@@ -18,15 +18,10 @@
 
 #include <cmocka.h>
 
-#include <fcntl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <hiredis/hiredis.h>
@@ -35,142 +30,16 @@
 #include "lib/config.h"
 #include "lib/log.h"
 #include "lib/redis.h"
+#include "tests/unit/redis_server.h"
 
-static char tmpdir[64];
-static int redis_port;
-static pid_t redis_pid;
-
-/* ---- redis-server management ---------------------------------------------------- */
-
-static int free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int port;
-
-    assert_true(fd >= 0);
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
-
-/* Answers at all (any reply, NOAUTH included). */
-static int server_answers(int port)
-{
-    struct timeval tv = {0, 200000};
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
-    redisReply *v;
-    int ok = 0;
-
-    if (c == NULL)
-        return 0;
-    if (c->err == 0) {
-        redisSetTimeout(c, tv);
-        v = redisCommand(c, "PING");
-        ok = v != NULL;
-        if (v)
-            freeReplyObject(v);
-    }
-    redisFree(c);
-    return ok;
-}
-
-/* Starts redis-server on port with extra arguments (NULL-terminated) and
- * waits until it answers. */
-static pid_t server_start(int port, const char *const *extra)
-{
-    char portstr[16];
-    const char *argv[32];
-    int n = 0;
-    pid_t pid;
-
-    snprintf(portstr, sizeof(portstr), "%d", port);
-    argv[n++] = "redis-server";
-    argv[n++] = "--port";
-    argv[n++] = portstr;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = "no";
-    argv[n++] = "--dir";
-    argv[n++] = tmpdir;
-    argv[n++] = "--daemonize";
-    argv[n++] = "no";
-    argv[n++] = "--loglevel";
-    argv[n++] = "warning";
-    for (int i = 0; extra && extra[i]; i++)
-        argv[n++] = extra[i];
-    argv[n] = NULL;
-
-    pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDWR);
-        if (devnull >= 0) {
-            dup2(devnull, 0);
-            dup2(devnull, 1);
-            dup2(devnull, 2);
-        }
-        execvp("redis-server", (char *const *)argv);
-        _exit(127);
-    }
-    for (int i = 0; i < 200; i++) {
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid)
-            fail_msg("redis-server exited at start (status %d)", st);
-        if (server_answers(port))
-            return pid;
-        usleep(50000);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    fail_msg("redis-server did not answer on port %d", port);
-    return -1;
-}
-
-static void server_stop(pid_t pid)
-{
-    if (pid <= 0)
-        return;
-    kill(pid, SIGCONT);
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-}
-
-/* A synchronous client for checks, AUTHed and SELECTed as asked. */
-static redisContext *sync_client(int port, const char *password, int db)
-{
-    redisContext *c = redisConnect("127.0.0.1", port);
-    redisReply *v;
-
-    assert_non_null(c);
-    assert_int_equal(c->err, 0);
-    if (password) {
-        v = redisCommand(c, "AUTH %s", password);
-        assert_non_null(v);
-        assert_int_equal(v->type, REDIS_REPLY_STATUS);
-        freeReplyObject(v);
-    }
-    v = redisCommand(c, "SELECT %d", db);
-    assert_non_null(v);
-    assert_int_equal(v->type, REDIS_REPLY_STATUS);
-    freeReplyObject(v);
-    return c;
-}
+/* The group's redis-server (see tests/unit/redis_server.h). */
+static struct redis_server srv;
 
 /* Runs one command on a fresh synchronous connection to the test server
  * (db 0) and returns the reply (caller frees). */
 static redisReply *sync_cmd(const char *fmt, ...)
 {
-    redisContext *c = sync_client(redis_port, NULL, 0);
+    redisContext *c = redis_server_connect(srv.port, NULL, 0);
     redisReply *v;
     va_list ap;
 
@@ -190,31 +59,15 @@ static int group_setup(void **state)
     log_set_level(lvl ? lvl : "info");
     /* hiredis writes with write(2): a peer that died must not kill us. */
     signal(SIGPIPE, SIG_IGN);
-    snprintf(tmpdir, sizeof(tmpdir), "/tmp/mf-test-redis.XXXXXX");
-    if (mkdtemp(tmpdir) == NULL)
-        return -1;
-    redis_port = free_port();
-    redis_pid = server_start(redis_port, NULL);
-    return 0;
+    return redis_server_setup(&srv, "redis");
 }
-
-static void capture_abandon(void);
 
 static int group_teardown(void **state)
 {
-    char path[128];
-
     (void)state;
-    capture_abandon();
-    snprintf(path, sizeof(path), "%s/stderr.log", tmpdir);
-    unlink(path);
-    server_stop(redis_pid);
-    redis_pid = 0;
-    rmdir(tmpdir);
+    redis_server_teardown(&srv);
     return 0;
 }
-
-static void capture_abandon(void);
 
 /* Each test starts with a running, empty server. */
 static int test_setup(void **state)
@@ -223,9 +76,9 @@ static int test_setup(void **state)
 
     (void)state;
     capture_abandon();
-    if (redis_pid <= 0)
-        redis_pid = server_start(redis_port, NULL);
-    kill(redis_pid, SIGCONT);
+    if (srv.pid <= 0)
+        srv.pid = redis_server_start(srv.dir, srv.port, NULL);
+    kill(srv.pid, SIGCONT);
     v = sync_cmd("FLUSHALL");
     freeReplyObject(v);
     return 0;
@@ -263,40 +116,6 @@ static void fixture_new(struct fixture *f, int timeout, redis_ready_hook hook, v
     o.hook_arg = hook_arg;
     f->r = redis_new(&f->loop, &o);
     assert_non_null(f->r);
-}
-
-static void deadline_cb(uv_timer_t *t)
-{
-    *(int *)t->data = 1;
-}
-
-/* Runs the loop until cond(arg) holds or ms pass; returns cond(arg). */
-static int run_until(uv_loop_t *loop, int (*cond)(void *), void *arg, unsigned ms)
-{
-    uv_timer_t deadline;
-    int expired = 0;
-    int ok;
-
-    uv_timer_init(loop, &deadline);
-    deadline.data = &expired;
-    uv_timer_start(&deadline, deadline_cb, ms, 0);
-    while (!cond(arg) && !expired)
-        uv_run(loop, UV_RUN_ONCE);
-    ok = cond(arg);
-    uv_close((uv_handle_t *)&deadline, NULL);
-    uv_run(loop, UV_RUN_NOWAIT);
-    return ok;
-}
-
-static int cond_never(void *arg)
-{
-    (void)arg;
-    return 0;
-}
-
-static void run_for(uv_loop_t *loop, unsigned ms)
-{
-    run_until(loop, cond_never, NULL, ms);
 }
 
 static int cond_ready(void *arg)
@@ -443,74 +262,6 @@ static void wait_called(struct fixture *f, struct result *res, unsigned ms)
     assert_int_equal(res->calls, 1);
 }
 
-/* Captures what the module logs (stderr) into a file while active. */
-struct capture {
-    int saved;
-    char path[128];
-};
-
-/* The saved stderr of an active capture, so that a test failing inside one
- * (cmocka jumps out) does not leave stderr redirected for the next ones. */
-static int capture_saved_fd = -1;
-
-static void capture_abandon(void)
-{
-    if (capture_saved_fd < 0)
-        return;
-    fflush(stderr);
-    dup2(capture_saved_fd, 2);
-    close(capture_saved_fd);
-    capture_saved_fd = -1;
-}
-
-static void capture_start(struct capture *c)
-{
-    int fd;
-
-    snprintf(c->path, sizeof(c->path), "%s/stderr.log", tmpdir);
-    fd = open(c->path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    assert_true(fd >= 0);
-    fflush(stderr);
-    c->saved = dup(2);
-    capture_saved_fd = c->saved;
-    dup2(fd, 2);
-    close(fd);
-}
-
-/* Restores stderr, echoes the captured text and returns it (caller frees). */
-static char *capture_stop(struct capture *c)
-{
-    FILE *fp;
-    char *text;
-    long n;
-
-    fflush(stderr);
-    dup2(c->saved, 2);
-    close(c->saved);
-    capture_saved_fd = -1;
-    fp = fopen(c->path, "rb");
-    assert_non_null(fp);
-    fseek(fp, 0, SEEK_END);
-    n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    text = calloc(1, (size_t)n + 1);
-    assert_non_null(text);
-    assert_int_equal(fread(text, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    unlink(c->path);
-    fputs(text, stderr);
-    return text;
-}
-
-static int count_substr(const char *text, const char *needle)
-{
-    int n = 0;
-
-    for (const char *p = text; (p = strstr(p, needle)) != NULL; p++)
-        n++;
-    return n;
-}
-
 /* ---- tests: commands ---------------------------------------------------------------------- */
 
 /* Issues GET chain:key from inside the reply callback of the SET. */
@@ -536,7 +287,7 @@ static void test_commands(void **state)
     int order[50], next = 0;
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     fixture_ready(&f);
 
@@ -624,14 +375,14 @@ static void test_not_connected_async(void **state)
     struct redis_script s;
     struct capture cap;
     char *text;
-    int port = free_port();
+    int port = redis_server_free_port();
     const int argcs[1] = {1};
     const char *ping[1] = {"PING"};
     const char *const *argvs[1] = {ping};
 
     (void)state;
     /* Right after redis_new(): still connecting. */
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     assert_false(redis_ready(f.r));
     cmd_s(f.r, &early, "PING", NULL);
@@ -643,7 +394,7 @@ static void test_not_connected_async(void **state)
     /* Nobody listens: retries are logged once, every kind of call fails. */
     redis_script_init(&s, "return 1");
     fixture_init(&f, port);
-    capture_start(&cap);
+    capture_start(&cap, srv.dir);
     fixture_new(&f, 5, NULL, NULL);
     run_for(&f.loop, 1000);
     cmd_s(f.r, &down, "PING", NULL);
@@ -752,7 +503,7 @@ static void test_hook(void **state)
     (void)state;
     memset(&h, 0, sizeof(h));
     h.block = 1;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, hook, &h);
 
     /* While the hook's BLPOP blocks, other commands are not sent. */
@@ -785,7 +536,7 @@ static void test_hook(void **state)
     /* redis_hook_done(-1): the connection is dropped and retried. */
     memset(&h, 0, sizeof(h));
     h.fail_first = 1;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, hook, &h);
     fixture_ready(&f);
     assert_int_equal(h.calls, 2);
@@ -825,7 +576,7 @@ static void test_hook_timeout(void **state)
     double waited;
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 1, slow_hook, &h);
     assert_true(run_until(&f.loop, cond_ready, f.r, 5000));
     assert_int_equal(h.calls, 3);
@@ -851,17 +602,17 @@ static void test_kill_and_restart(void **state)
     char *text, line[128];
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 30, NULL, NULL);
-    capture_start(&cap);
+    capture_start(&cap, srv.dir);
     fixture_ready(&f);
 
     /* A command in flight when Redis dies fails with "connection lost". */
     cmd_s(f.r, &blocked, "BLPOP", "nothing", "0", NULL);
     run_for(&f.loop, 200);
     assert_int_equal(blocked.calls, 0);
-    server_stop(redis_pid);
-    redis_pid = 0;
+    redis_server_stop(srv.pid);
+    srv.pid = 0;
     wait_called(&f, &blocked, 3000);
     assert_int_equal(blocked.type, -1);
     assert_string_equal(blocked.str, "redis: connection lost");
@@ -876,13 +627,13 @@ static void test_kill_and_restart(void **state)
     /* Several retries fail, then Redis comes back on the same port. */
     run_for(&f.loop, 1500);
     assert_false(redis_ready(f.r));
-    redis_pid = server_start(redis_port, NULL);
+    srv.pid = redis_server_start(srv.dir, srv.port, NULL);
     assert_true(run_until(&f.loop, cond_ready, f.r, 8000));
     text = capture_stop(&cap);
-    snprintf(line, sizeof(line), "event=redis_connected name=test addr=127.0.0.1:%d", redis_port);
+    snprintf(line, sizeof(line), "event=redis_connected name=test addr=127.0.0.1:%d", srv.port);
     assert_int_equal(count_substr(text, line), 2);
     snprintf(line, sizeof(line), "event=redis_disconnected name=test addr=127.0.0.1:%d reason=",
-             redis_port);
+             srv.port);
     assert_int_equal(count_substr(text, line), 1);
     free(text);
 
@@ -900,11 +651,11 @@ static void test_timeout_sigstop(void **state)
     double waited;
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 1, NULL, NULL);
     fixture_ready(&f);
 
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     start = uv_hrtime();
     cmd_s(f.r, &r, "GET", "k", NULL);
     wait_called(&f, &r, 4000);
@@ -919,7 +670,7 @@ static void test_timeout_sigstop(void **state)
      * once it runs again the connection recovers. */
     run_for(&f.loop, 1500);
     assert_false(redis_ready(f.r));
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
     assert_true(run_until(&f.loop, cond_ready, f.r, 10000));
     cmd_s(f.r, &after, "PING", NULL);
     wait_called(&f, &after, 5000);
@@ -955,7 +706,7 @@ static void test_multi_ok(void **state)
     const int bargcs[1] = {3};
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     fixture_ready(&f);
 
@@ -1002,7 +753,7 @@ static void test_multi_refused(void **state)
     redisReply *v;
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     fixture_ready(&f);
 
@@ -1034,16 +785,16 @@ static void test_multi_outcome_unknown(void **state)
     const int argcs[1] = {3};
 
     (void)state;
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 1, NULL, NULL);
     fixture_ready(&f);
 
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     multi(f.r, &res, 1, argcs, argvs);
     wait_called(&f, &res, 4000);
     assert_int_equal(res.type, -1);
     assert_string_equal(res.str, "redis: outcome unknown");
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
     fixture_finish(&f);
 }
 
@@ -1083,7 +834,7 @@ static void test_eval(void **state)
     v = sync_cmd("CONFIG RESETSTAT");
     freeReplyObject(v);
 
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     fixture_ready(&f);
 
@@ -1168,12 +919,12 @@ static void test_backpressure(void **state)
 
     (void)state;
     memset(value, 'v', sizeof(value));
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 10, NULL, NULL);
     fixture_ready(&f);
     redis_set_backpressure(f.r, 1000, 500, on_bp, &b);
 
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     cmd(f.r, &r1, 3, argv, lens);
     run_for(&f.loop, 50);
     assert_int_equal(b.changes, 0);
@@ -1187,7 +938,7 @@ static void test_backpressure(void **state)
     run_for(&f.loop, 50);
     assert_int_equal(b.changes, 1);     /* once per crossing */
 
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
     assert_true(run_until(&f.loop, cond_bp_resumed, &b, 5000));
     wait_called(&f, &r3, 5000);
     assert_int_equal(b.changes, 2);
@@ -1229,12 +980,12 @@ static void test_close_with_pending(void **state)
     memset(res, 0, sizeof(res));
     memset(&t, 0, sizeof(t));
     redis_script_init(&s, "return 1");
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 30, NULL, NULL);
     fixture_ready(&f);
 
     /* Written to a stopped server: pending when closed. */
-    kill(redis_pid, SIGSTOP);
+    kill(srv.pid, SIGSTOP);
     for (int i = 0; i < 4; i++) {
         res[i].shared_calls = &calls;
         cmd_s(f.r, &res[i], "INCR", "cl:n", NULL);
@@ -1274,13 +1025,13 @@ static void test_close_with_pending(void **state)
     assert_string_equal(t.second.str, "redis: closed");
     assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
     assert_int_equal(uv_loop_close(&f.loop), 0);
-    kill(redis_pid, SIGCONT);
+    kill(srv.pid, SIGCONT);
 
     /* A MULTI never written (closed in the same loop turn): not applied.
      * (The one above was, and may well have been executed once Redis ran
      * again: that is what "outcome unknown" means.) */
     c1[1] = "cl:m2";
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     fixture_ready(&f);
     memset(&m, 0, sizeof(m));
@@ -1306,7 +1057,7 @@ static void test_close_in_callback(void **state)
 
     (void)state;
     memset(res, 0, sizeof(res));
-    fixture_init(&f, redis_port);
+    fixture_init(&f, srv.port);
     fixture_new(&f, 5, NULL, NULL);
     fixture_ready(&f);
     f.calls_counter = &calls;
@@ -1342,8 +1093,8 @@ static void test_auth_select(void **state)
     struct fixture f;
     struct result r = {0};
     struct capture cap;
-    int port = free_port();
-    pid_t pid = server_start(port, extra);
+    int port = redis_server_free_port();
+    pid_t pid = redis_server_start(srv.dir, port, extra);
     redisContext *c;
     redisReply *v;
     char *text;
@@ -1358,7 +1109,7 @@ static void test_auth_select(void **state)
     wait_called(&f, &r, 5000);
     assert_string_equal(r.str, "OK");
     fixture_finish(&f);
-    c = sync_client(port, "s3cret", 3);
+    c = redis_server_connect(port, "s3cret", 3);
     v = redisCommand(c, "GET auth:k");
     assert_non_null(v);
     assert_int_equal(v->type, REDIS_REPLY_STRING);
@@ -1368,7 +1119,7 @@ static void test_auth_select(void **state)
 
     fixture_init(&f, port);
     f.url.password = "wrong";
-    capture_start(&cap);
+    capture_start(&cap, srv.dir);
     fixture_new(&f, 5, NULL, NULL);
     run_for(&f.loop, 1000);
     text = capture_stop(&cap);
@@ -1377,7 +1128,7 @@ static void test_auth_select(void **state)
     assert_non_null(strstr(text, "AUTH failed"));
     free(text);
     fixture_finish(&f);
-    server_stop(pid);
+    redis_server_stop(pid);
 }
 
 int main(void)

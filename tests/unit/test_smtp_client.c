@@ -478,29 +478,64 @@ static void client_start(struct tctx *t, int port, const struct smtp_client_opts
     run_until(&t->ready, 20000);
 }
 
+/* Starts a client that must become ready. */
+static void client_start_ok(struct tctx *t, int port, const struct smtp_client_opts *o)
+{
+    client_start(t, port, o);
+    if (t->status != 0)
+        fail_msg("ready failed: %s", t->err);
+}
+
+static void msg_init(struct transport_msg *m, const char *from, const char *const *rcpts,
+                     size_t n, const char *data, size_t len)
+{
+    memset(m, 0, sizeof(*m));
+    m->from = from;
+    m->rcpts = rcpts;
+    m->nrcpts = n;
+    m->data = data;
+    m->len = len;
+}
+
+/* Sends m and waits up to max_ms for its result. */
+static void client_send_msg(struct tctx *t, const struct transport_msg *m, unsigned max_ms)
+{
+    t->tx_done = 0;
+    assert_int_equal(smtp_client_send(t->c, m, on_tx, t), 0);
+    /* Callbacks never run inside the call. */
+    assert_int_equal(t->tx_done, 0);
+    run_until(&t->tx_done, max_ms);
+}
+
 static void client_send(struct tctx *t, const char *from, const char *const *rcpts, size_t n,
                         const char *data, size_t len)
 {
     struct transport_msg m;
 
-    memset(&m, 0, sizeof(m));
+    msg_init(&m, from, rcpts, n, data, len);
     m.id = "T1";
-    m.from = from;
-    m.rcpts = rcpts;
-    m.nrcpts = n;
-    m.data = data;
-    m.len = len;
-    t->tx_done = 0;
-    assert_int_equal(smtp_client_send(t->c, &m, on_tx, t), 0);
-    /* Callbacks never run inside the call. */
-    assert_int_equal(t->tx_done, 0);
-    run_until(&t->tx_done, 20000);
+    client_send_msg(t, &m, 20000);
+}
+
+static const char simple_msg[] = "Subject: test\r\n\r\nHello.\r\n";
+
+/* Sends simple_msg and waits for its result. */
+static void send_simple(struct tctx *t, const char *from, const char *const *rcpts, size_t n)
+{
+    client_send(t, from, rcpts, n, simple_msg, sizeof(simple_msg) - 1);
 }
 
 static void client_quit(struct tctx *t)
 {
     smtp_client_quit(t->c);
     run_until(&t->freed, 10000);
+}
+
+/* Closes the client without QUIT and waits until it is freed. */
+static void client_abandon(struct tctx *t)
+{
+    smtp_client_close(t->c);
+    run_until(&t->freed, 5000);
 }
 
 static void check_rcpt(const struct transport_rcpt_result *r, int code, const char *enh,
@@ -513,7 +548,14 @@ static void check_rcpt(const struct transport_rcpt_result *r, int code, const ch
                  ambiguous);
 }
 
-static const char simple_msg[] = "Subject: test\r\n\r\nHello.\r\n";
+/* The first n results of the last transaction are all the same. */
+static void check_rcpts(const struct tctx *t, size_t n, int code, const char *enh, int final,
+                        int ambiguous)
+{
+    assert_true(n <= 16);
+    for (size_t i = 0; i < n; i++)
+        check_rcpt(&t->res[i], code, enh, final, ambiguous);
+}
 
 /* ---- scripted peer ---------------------------------------------------------------- */
 
@@ -751,6 +793,45 @@ static int group_teardown(void **state)
 
 /* ---- client tests: aiosmtpd -------------------------------------------------------- */
 
+/* The arguments of peer_py_start() for a server with STARTTLS (the test
+ * certificate) and AUTH for user:s3cret. */
+#define PEER_TLS_AUTH "--tls-cert", cert_file, "--tls-key", key_file, "--auth", "user:s3cret"
+
+/* A client context that verifies the test certificate. */
+static struct tls_ctx *verifying_ctx(void)
+{
+    char err[256];
+    struct tls_ctx *ctx = tls_ctx_client(cert_file, 1, NULL, NULL, err, sizeof(err));
+
+    if (ctx == NULL)
+        fail_msg("%s", err);
+    return ctx;
+}
+
+/* Options for TLS mode tls with ctx and servername, and AUTH as user. */
+static struct smtp_client_opts tls_auth_opts(enum smtp_client_tls tls, struct tls_ctx *ctx,
+                                             const char *servername, const char *pass)
+{
+    struct smtp_client_opts o = base_opts();
+
+    o.tls = tls;
+    o.tls_ctx = ctx;
+    o.servername = servername;
+    o.auth_user = "user";
+    o.auth_pass = pass;
+    return o;
+}
+
+/* The peer's auth.log holds exactly want. */
+static void check_auth_log(const struct peer *p, const char *want)
+{
+    char *log = read_filef(NULL, "%s/auth.log", p->dir);
+
+    assert_non_null(log);
+    assert_string_equal(log, want);
+    free(log);
+}
+
 /* RFC 2920: MAIL, four RCPTs and DATA in one group, per-recipient answers
  * (250 / 451 4.2.0 / 550 5.1.1 / 250); only the accepted ones get the
  * message, and their result is the reply to the final ".". */
@@ -768,7 +849,7 @@ static void test_pipelined_mixed(void **state)
     assert_int_equal(t.status, 0);
     assert_true(smtp_client_idle(t.c));
     assert_true(smtp_reply_has_keyword(smtp_client_ehlo(t.c), "PIPELINING", NULL, 0));
-    client_send(&t, "sender@y.test", rcpts, 4, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "sender@y.test", rcpts, 4);
     assert_int_equal(t.nres, 4);
     check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     check_rcpt(&t.res[1], 451, "4.2.0", 0, 0);
@@ -876,46 +957,27 @@ static void test_starttls_auth(void **state)
 {
     struct peer p;
     struct tctx t;
-    struct smtp_client_opts o = base_opts();
+    struct tls_ctx *ctx = verifying_ctx();
+    struct smtp_client_opts o = tls_auth_opts(SMTP_CLIENT_TLS_REQUIRED, ctx, "localhost", "s3cret");
     const char *rcpts[] = {"ok@x.test"};
-    char err[256], *log;
-    struct tls_ctx *ctx = tls_ctx_client(cert_file, 1, NULL, NULL, err, sizeof(err));
 
     (void)state;
-    assert_non_null(ctx);
-    peer_py_start(&p, 0, "--tls-cert", cert_file, "--tls-key", key_file, "--auth",
-                  "user:s3cret", NULL);
-    o.tls = SMTP_CLIENT_TLS_REQUIRED;
-    o.tls_ctx = ctx;
-    o.servername = "localhost";
-    o.auth_user = "user";
-    o.auth_pass = "s3cret";
-    client_start(&t, p.port, &o);
-    if (t.status != 0)
-        fail_msg("ready failed: %s", t.err);
+    peer_py_start(&p, 0, PEER_TLS_AUTH, NULL);
+    client_start_ok(&t, p.port, &o);
     assert_true(conn_is_tls(smtp_client_conn(t.c)));
     assert_non_null(conn_tls_peer_cert(smtp_client_conn(t.c)));
     assert_true(smtp_reply_has_keyword(smtp_client_ehlo(t.c), "AUTH", NULL, 0));
     assert_false(smtp_reply_has_keyword(smtp_client_ehlo(t.c), "STARTTLS", NULL, 0));
-    client_send(&t, "a@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "a@y.test", rcpts, 1);
     check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     client_quit(&t);
-    log = read_filef(NULL, "%s/auth.log", p.dir);
-    assert_non_null(log);
-    assert_string_equal(log, "PLAIN user ok\n");
-    free(log);
+    check_auth_log(&p, "PLAIN user ok\n");
     peer_stop(&p);
 
-    peer_py_start(&p, 0, "--tls-cert", cert_file, "--tls-key", key_file, "--auth",
-                  "user:s3cret", "--auth-mechs", "LOGIN", NULL);
-    client_start(&t, p.port, &o);
-    if (t.status != 0)
-        fail_msg("ready failed: %s", t.err);
+    peer_py_start(&p, 0, PEER_TLS_AUTH, "--auth-mechs", "LOGIN", NULL);
+    client_start_ok(&t, p.port, &o);
     client_quit(&t);
-    log = read_filef(NULL, "%s/auth.log", p.dir);
-    assert_non_null(log);
-    assert_string_equal(log, "LOGIN user ok\n");
-    free(log);
+    check_auth_log(&p, "LOGIN user ok\n");
     peer_stop(&p);
     tls_ctx_unref(ctx);
 }
@@ -926,31 +988,18 @@ static void test_implicit_tls(void **state)
 {
     struct peer p;
     struct tctx t;
-    struct smtp_client_opts o = base_opts();
+    struct tls_ctx *ctx = verifying_ctx();
+    struct smtp_client_opts o = tls_auth_opts(SMTP_CLIENT_TLS_IMPLICIT, ctx, "127.0.0.1", "s3cret");
     const char *rcpts[] = {"ok@x.test"};
-    char err[256], *log;
-    struct tls_ctx *ctx = tls_ctx_client(cert_file, 1, NULL, NULL, err, sizeof(err));
 
     (void)state;
-    assert_non_null(ctx);
-    peer_py_start(&p, 0, "--tls-cert", cert_file, "--tls-key", key_file, "--implicit-tls",
-                  "--auth", "user:s3cret", "--auth-mechs", "LOGIN", NULL);
-    o.tls = SMTP_CLIENT_TLS_IMPLICIT;
-    o.tls_ctx = ctx;
-    o.servername = "127.0.0.1";
-    o.auth_user = "user";
-    o.auth_pass = "s3cret";
-    client_start(&t, p.port, &o);
-    if (t.status != 0)
-        fail_msg("ready failed: %s", t.err);
+    peer_py_start(&p, 0, PEER_TLS_AUTH, "--implicit-tls", "--auth-mechs", "LOGIN", NULL);
+    client_start_ok(&t, p.port, &o);
     assert_true(conn_is_tls(smtp_client_conn(t.c)));
-    client_send(&t, "a@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "a@y.test", rcpts, 1);
     check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     client_quit(&t);
-    log = read_filef(NULL, "%s/auth.log", p.dir);
-    assert_non_null(log);
-    assert_string_equal(log, "LOGIN user ok\n");
-    free(log);
+    check_auth_log(&p, "LOGIN user ok\n");
     peer_stop(&p);
     tls_ctx_unref(ctx);
 }
@@ -962,28 +1011,18 @@ static void test_auth_and_tls_failures(void **state)
 {
     struct peer p;
     struct tctx t;
-    struct smtp_client_opts o = base_opts();
-    char err[256], *log;
-    struct tls_ctx *ctx = tls_ctx_client(cert_file, 1, NULL, NULL, err, sizeof(err));
+    struct tls_ctx *ctx = verifying_ctx();
+    struct smtp_client_opts o = tls_auth_opts(SMTP_CLIENT_TLS_REQUIRED, ctx, "localhost", "wrong");
 
     (void)state;
-    assert_non_null(ctx);
-    peer_py_start(&p, 0, "--tls-cert", cert_file, "--tls-key", key_file, "--auth",
-                  "user:s3cret", NULL);
-    o.tls = SMTP_CLIENT_TLS_REQUIRED;
-    o.tls_ctx = ctx;
-    o.servername = "localhost";
-    o.auth_user = "user";
-    o.auth_pass = "wrong";
+    peer_py_start(&p, 0, PEER_TLS_AUTH, NULL);
     client_start(&t, p.port, &o);
     assert_int_equal(t.status, -1);
     assert_int_equal(t.reply_code, 535);
     assert_non_null(strstr(t.err, "AUTH failed: 535 5.7.8"));
     assert_null(strstr(t.err, "wrong"));
     run_until(&t.freed, 10000);
-    log = read_filef(NULL, "%s/auth.log", p.dir);
-    assert_string_equal(log, "PLAIN user fail\n");
-    free(log);
+    check_auth_log(&p, "PLAIN user fail\n");
 
     /* The certificate is for localhost and 127.0.0.1, not this name. */
     o.servername = "mx.example.org";
@@ -1043,16 +1082,14 @@ static void test_timeouts(void **state)
     client_start(&t, p.port, &o);
     assert_int_equal(t.status, 0);
     t0 = now_ms();
-    client_send(&t, "a@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "a@y.test", rcpts, 2);
     assert_true(now_ms() - t0 < 3000);
-    check_rcpt(&t.res[0], 451, "4.4.2", 0, 0);
-    check_rcpt(&t.res[1], 451, "4.4.2", 0, 0);
+    check_rcpts(&t, 2, 451, "4.4.2", 0, 0);
     assert_string_equal(t.res[1].text, "timeout waiting for reply to RCPT");
     assert_false(t.conn_ok);
     assert_false(smtp_client_idle(t.c));
     assert_int_equal(smtp_client_send(t.c, NULL, on_tx, &t), -1);
-    smtp_client_close(t.c);
-    run_until(&t.freed, 5000);
+    client_abandon(&t);
     peer_stop(&p);
 }
 
@@ -1101,10 +1138,9 @@ static void test_sink_no_pipelining(void **state)
     client_start(&t, p.port, &o);
     assert_int_equal(t.status, 0);
     assert_false(smtp_reply_has_keyword(smtp_client_ehlo(t.c), "PIPELINING", NULL, 0));
-    client_send(&t, "s@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
-    check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
-    check_rcpt(&t.res[1], 250, "2.0.0", 1, 0);
-    client_send(&t, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "s@y.test", rcpts, 2);
+    check_rcpts(&t, 2, 250, "2.0.0", 1, 0);
+    send_simple(&t, "s@y.test", rcpts, 1);
     check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     assert_int_equal(smtp_client_command(t.c, "NOOP", on_cmd, &t), 0);
     assert_int_equal(smtp_client_command(t.c, "NOOP", on_cmd, &t), -1);   /* busy */
@@ -1129,9 +1165,8 @@ static void test_sink_refusals(void **state)
     (void)state;
     peer_sink_start(&p, "-f", "MAIL", NULL);
     client_start(&t, p.port, &o);
-    client_send(&t, "s@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
-    check_rcpt(&t.res[0], 500, "5.3.0", 1, 0);
-    check_rcpt(&t.res[1], 500, "5.3.0", 1, 0);
+    send_simple(&t, "s@y.test", rcpts, 2);
+    check_rcpts(&t, 2, 500, "5.3.0", 1, 0);
     assert_true(t.conn_ok);
     assert_true(smtp_client_idle(t.c));
     client_quit(&t);
@@ -1139,11 +1174,10 @@ static void test_sink_refusals(void **state)
 
     peer_sink_start(&p, "-r", "RCPT", NULL);
     client_start(&t, p.port, &o);
-    client_send(&t, "s@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
-    check_rcpt(&t.res[0], 450, "4.3.0", 0, 0);
-    check_rcpt(&t.res[1], 450, "4.3.0", 0, 0);
+    send_simple(&t, "s@y.test", rcpts, 2);
+    check_rcpts(&t, 2, 450, "4.3.0", 0, 0);
     assert_true(t.conn_ok);
-    client_send(&t, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "s@y.test", rcpts, 1);
     check_rcpt(&t.res[0], 450, "4.3.0", 0, 0);
     client_quit(&t);
     peer_stop(&p);
@@ -1162,12 +1196,10 @@ static void test_sink_disconnects(void **state)
     (void)state;
     peer_sink_start(&p, "-q", ".", NULL);
     client_start(&t, p.port, &o);
-    client_send(&t, "s@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
-    check_rcpt(&t.res[0], 451, "4.4.2", 0, 1);
-    check_rcpt(&t.res[1], 451, "4.4.2", 0, 1);
+    send_simple(&t, "s@y.test", rcpts, 2);
+    check_rcpts(&t, 2, 451, "4.4.2", 0, 1);
     assert_false(t.conn_ok);
-    smtp_client_close(t.c);
-    run_until(&t.freed, 5000);
+    client_abandon(&t);
     peer_stop(&p);
 
     peer_sink_start(&p, "-f", "CONNECT", NULL);
@@ -1182,7 +1214,7 @@ static void test_sink_disconnects(void **state)
     peer_sink_start(&p, "-e", NULL);
     client_start(&t, p.port, &o);
     assert_int_equal(t.status, 0);
-    client_send(&t, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "s@y.test", rcpts, 1);
     check_rcpt(&t.res[0], 250, "2.0.0", 1, 0);
     client_quit(&t);
     peer_stop(&p);
@@ -1216,8 +1248,7 @@ static void test_sink_backpressure(void **state)
     check_rcpt(&t.res[0], 451, "4.4.2", 0, 0);
     assert_string_equal(t.res[0].text, "timeout while sending message content");
     assert_false(t.conn_ok);
-    smtp_client_close(t.c);
-    run_until(&t.freed, 5000);
+    client_abandon(&t);
     free(msg);
     peer_stop(&p);
 }
@@ -1299,16 +1330,15 @@ static void test_script_354_without_rcpt_and_421(void **state)
     (void)state;
     script_start(&s, steps, NSTEPS(steps));
     client_start(&t, s.port, &o);
-    client_send(&t, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "s@y.test", rcpts, 1);
     check_rcpt(&t.res[0], 550, "5.1.1", 1, 0);
     assert_true(t.conn_ok);
     assert_true(smtp_client_idle(t.c));
-    client_send(&t, "s@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "s@y.test", rcpts, 2);
     check_rcpt(&t.res[0], 550, "5.1.1", 1, 0);
     check_rcpt(&t.res[1], 421, "4.7.0", 0, 0);
     assert_false(t.conn_ok);
-    smtp_client_close(t.c);
-    run_until(&t.freed, 5000);
+    client_abandon(&t);
     script_finish(&s);
 }
 
@@ -1339,14 +1369,13 @@ static void test_script_dot_timeout(void **state)
     o.dot_timeout = 1;
     client_start(&t, s.port, &o);
     t0 = now_ms();
-    client_send(&t, "s@y.test", rcpts, 2, simple_msg, sizeof(simple_msg) - 1);
+    send_simple(&t, "s@y.test", rcpts, 2);
     assert_true(now_ms() - t0 < 3000);
     check_rcpt(&t.res[0], 451, "4.4.2", 0, 1);
     check_rcpt(&t.res[1], 550, "5.1.1", 1, 0);
     assert_non_null(strstr(t.res[0].text, "timeout waiting for reply to end of data"));
     assert_false(t.conn_ok);
-    smtp_client_close(t.c);
-    run_until(&t.freed, 5000);
+    client_abandon(&t);
     script_finish(&s);
 }
 
@@ -1374,31 +1403,20 @@ static void test_script_local_refusals(void **state)
     (void)state;
     script_start(&s, steps, NSTEPS(steps));
     client_start(&t, s.port, &o);
-    memset(&m, 0, sizeof(m));
-    m.from = "s@y.test";
-    m.rcpts = rcpts;
-    m.nrcpts = 1;
-    m.data = simple_msg;
-    m.len = sizeof(simple_msg) - 1;
+    msg_init(&m, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
     m.smtputf8 = 1;
-    assert_int_equal(smtp_client_send(t.c, &m, on_tx, &t), 0);
-    assert_int_equal(t.tx_done, 0);
-    run_until(&t.tx_done, 5000);
+    client_send_msg(&t, &m, 5000);
     check_rcpt(&t.res[0], 553, "5.6.7", 1, 0);
     assert_true(t.conn_ok);
 
     m.smtputf8 = 0;
     m.body8bit = 1;
-    t.tx_done = 0;
-    assert_int_equal(smtp_client_send(t.c, &m, on_tx, &t), 0);
-    run_until(&t.tx_done, 5000);
+    client_send_msg(&t, &m, 5000);
     check_rcpt(&t.res[0], 554, "5.6.3", 1, 0);
 
     m.body8bit = 0;
     m.rcpts = bad;
-    t.tx_done = 0;
-    assert_int_equal(smtp_client_send(t.c, &m, on_tx, &t), 0);
-    run_until(&t.tx_done, 5000);
+    client_send_msg(&t, &m, 5000);
     check_rcpt(&t.res[0], 553, "5.1.3", 1, 0);
     assert_true(smtp_client_idle(t.c));
     client_quit(&t);
@@ -1427,12 +1445,7 @@ static void test_close_pending(void **state)
     (void)state;
     script_start(&s, steps, NSTEPS(steps));
     client_start(&t, s.port, &o);
-    memset(&m, 0, sizeof(m));
-    m.from = "s@y.test";
-    m.rcpts = rcpts;
-    m.nrcpts = 1;
-    m.data = simple_msg;
-    m.len = sizeof(simple_msg) - 1;
+    msg_init(&m, "s@y.test", rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
     assert_int_equal(smtp_client_send(t.c, &m, on_tx, &t), 0);
     run_until(&s.done, 5000);
     smtp_client_close(t.c);
@@ -1503,13 +1516,9 @@ static void tr_send(struct transport *tr, struct tsend *s, const char *from, con
     struct transport_msg m;
     const char *rcpts[1] = {rcpt};
 
-    memset(&m, 0, sizeof(m));
+    /* send() copies rcpts. */
+    msg_init(&m, from, rcpts, 1, simple_msg, sizeof(simple_msg) - 1);
     m.id = "Q";
-    m.from = from;
-    m.rcpts = rcpts;       /* copied by send() */
-    m.nrcpts = 1;
-    m.data = simple_msg;
-    m.len = sizeof(simple_msg) - 1;
     transport_find("smtp")->send(tr, &m, on_done, s);
 }
 
@@ -1748,8 +1757,7 @@ static void test_transport_tls_auth(void **state)
     FILE *f;
 
     (void)state;
-    peer_py_start(&p, 0, "--tls-cert", cert_file, "--tls-key", key_file, "--auth",
-                  "user:s3cret", NULL);
+    peer_py_start(&p, 0, PEER_TLS_AUTH, NULL);
     snprintf(hostport, sizeof(hostport), "localhost:%d", p.port);
     snprintf(pwfile, sizeof(pwfile), "%s/pw", p.dir);
     f = fopen(pwfile, "w");

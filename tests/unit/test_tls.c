@@ -117,11 +117,17 @@ struct peer;
 static void p_read(struct conn *c, const char *d, size_t n, void *arg);
 static void p_event(struct conn *c, enum conn_event ev, int status, void *arg);
 
+/* Runs a conn_* call, marked as made by the test for the duration. */
+#define IN_CALL(call) \
+    do {              \
+        g_in_call++;  \
+        call;         \
+        g_in_call--;  \
+    } while (0)
+
 static void w_write(struct conn *c, const void *d, size_t n)
 {
-    g_in_call++;
-    conn_write(c, d, n);
-    g_in_call--;
+    IN_CALL(conn_write(c, d, n));
 }
 
 static void w_writes(struct conn *c, const char *s)
@@ -131,46 +137,34 @@ static void w_writes(struct conn *c, const char *s)
 
 static void w_flush(struct conn *c)
 {
-    g_in_call++;
-    conn_flush(c);
-    g_in_call--;
+    IN_CALL(conn_flush(c));
 }
 
 static void w_close(struct conn *c)
 {
-    g_in_call++;
-    conn_close(c);
-    g_in_call--;
+    IN_CALL(conn_close(c));
 }
 
 static void w_abort(struct conn *c)
 {
-    g_in_call++;
-    conn_abort(c);
-    g_in_call--;
+    IN_CALL(conn_abort(c));
 }
 
 static void w_read_start(struct conn *c)
 {
-    g_in_call++;
-    conn_read_start(c);
-    g_in_call--;
+    IN_CALL(conn_read_start(c));
 }
 
 static void w_read_stop(struct conn *c)
 {
-    g_in_call++;
-    conn_read_stop(c);
-    g_in_call--;
+    IN_CALL(conn_read_stop(c));
 }
 
 static int w_start_tls(struct conn *c, struct tls_ctx *ctx, int server, const char *name)
 {
     int r;
 
-    g_in_call++;
-    r = conn_start_tls(c, ctx, server, name);
-    g_in_call--;
+    IN_CALL(r = conn_start_tls(c, ctx, server, name));
     return r;
 }
 
@@ -232,9 +226,7 @@ static void on_connection(uv_stream_t *server, int status)
 
     assert_int_equal(status, 0);
     assert_null(t->srv.c);
-    g_in_call++;
-    t->srv.c = conn_accept(server, p_read, p_event, &t->srv);
-    g_in_call--;
+    IN_CALL(t->srv.c = conn_accept(server, p_read, p_event, &t->srv));
     assert_non_null(t->srv.c);
     uv_close((uv_handle_t *)&t->listener, on_listener_closed);
     assert_string_equal(conn_peer_ip(t->srv.c), "127.0.0.1");
@@ -277,11 +269,9 @@ static void tcase_connect(struct tcase *t, unsigned timeout_ms, int bind_source)
     struct sockaddr_in src;
 
     uv_ip4_addr("127.0.0.1", 0, &src);
-    g_in_call++;
-    t->cli.c = conn_connect(&t->loop, (struct sockaddr *)&t->addr,
-                            bind_source ? (struct sockaddr *)&src : NULL, timeout_ms,
-                            p_read, p_event, &t->cli);
-    g_in_call--;
+    IN_CALL(t->cli.c = conn_connect(&t->loop, (struct sockaddr *)&t->addr,
+                                    bind_source ? (struct sockaddr *)&src : NULL, timeout_ms,
+                                    p_read, p_event, &t->cli));
     assert_non_null(t->cli.c);
 }
 
@@ -395,6 +385,90 @@ static void check_clean(const struct peer *p)
     assert_int_equal(p->ev[CONN_EV_CLOSED], 1);
 }
 
+/* Both sides closed once, without an error. */
+static void check_both_clean(const struct tcase *t)
+{
+    check_clean(&t->srv);
+    check_clean(&t->cli);
+}
+
+/* Both sides completed one handshake and closed once, without an error. */
+static void check_tls_clean(const struct tcase *t)
+{
+    check_both_clean(t);
+    assert_int_equal(t->srv.ev[CONN_EV_TLS_READY], 1);
+    assert_int_equal(t->cli.ev[CONN_EV_TLS_READY], 1);
+}
+
+/* Connects the client (no source address, 5 s timeout) and runs the case
+ * to its end. */
+static void tcase_go(struct tcase *t)
+{
+    tcase_connect(t, 5000, 0);
+    tcase_run(t);
+}
+
+/* The server context with srv.pem; with ca, client certificates issued by
+ * it are required. */
+static struct tls_ctx *server_ctx(const char *ca)
+{
+    char err[512];
+    struct tls_ctx *s = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"),
+                                       ca != NULL ? cert_path(ca) : NULL, ca != NULL, err,
+                                       sizeof(err));
+
+    if (s == NULL)
+        fail_msg("%s", err);
+    return s;
+}
+
+static struct tls_ctx *client_ctx(const char *ca, int verify, const char *cert, const char *key)
+{
+    char err[512];
+    struct tls_ctx *c = tls_ctx_client(ca != NULL ? cert_path(ca) : NULL, verify,
+                                       cert != NULL ? cert_path(cert) : NULL,
+                                       key != NULL ? cert_path(key) : NULL, err, sizeof(err));
+
+    if (c == NULL)
+        fail_msg("%s", err);
+    return c;
+}
+
+/* A case with a listener and these contexts (the case releases them). */
+static void tcase_init_tls(struct tcase *t, struct tls_ctx *sctx, struct tls_ctx *cctx)
+{
+    tcase_init(t, 1);
+    t->sctx = sctx;
+    t->cctx = cctx;
+}
+
+/* Once want has arrived (step 0), answers reply and flushes (step 1). */
+static void reply_once(struct peer *p, const char *want, const char *reply)
+{
+    if (p->step == 0 && has(p, want)) {
+        p->step = 1;
+        w_writes(p->c, reply);
+        w_flush(p->c);
+    }
+}
+
+/* Once want has arrived (step 0), closes (step 1). */
+static void close_once(struct peer *p, const char *want)
+{
+    if (p->step == 0 && has(p, want)) {
+        p->step = 1;
+        w_close(p->c);
+    }
+}
+
+/* Implicit TLS on the server side: the handshake starts at once. */
+static void tls_accept(struct tcase *t)
+{
+    assert_int_equal(w_start_tls(t->srv.c, t->sctx, 1, NULL), 0);
+    w_read_start(t->srv.c);
+    t->srv.tls_started = 1;
+}
+
 /* ---- 1: plain echo ----------------------------------------------------- */
 
 static void echo_srv_data(struct peer *p)
@@ -458,8 +532,7 @@ static void test_plain_echo(void **state)
     t.cli.on_data = echo_cli_data;
     tcase_connect(&t, 5000, 1);
     tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
+    check_both_clean(&t);
     assert_int_equal(t.cli.ev[CONN_EV_CONNECTED], 1);
     assert_true(t.cli.ev[CONN_EV_DRAINED] >= 1);
     assert_int_equal(t.srv.ev[CONN_EV_EOF], 1);
@@ -507,11 +580,7 @@ static void starttls_srv_ev(struct peer *p, enum conn_event ev, int status)
 
 static void starttls_srv_data(struct peer *p)
 {
-    if (p->step == 0 && has(p, "ping\r\n")) {
-        p->step = 1;
-        w_writes(p->c, "pong\r\n");
-        w_flush(p->c);
-    }
+    reply_once(p, "ping\r\n", "pong\r\n");
 }
 
 static void starttls_cli_ev(struct peer *p, enum conn_event ev, int status)
@@ -548,34 +617,22 @@ static void starttls_cli_data(struct peer *p)
         assert_int_equal(w_start_tls(p->c, p->t->cctx, 0, "localhost"), 0);
         return;
     }
-    if (p->step == 0 && has(p, "hello from server\r\npong\r\n")) {
-        p->step = 1;
-        w_close(p->c);
-    }
+    close_once(p, "hello from server\r\npong\r\n");
 }
 
 static void test_starttls(void **state)
 {
     struct tcase t;
-    char err[512];
 
     (void)state;
-    tcase_init(&t, 1);
-    t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-    assert_non_null(t.sctx);
-    t.cctx = tls_ctx_client(cert_path("ca.pem"), 1, NULL, NULL, err, sizeof(err));
-    assert_non_null(t.cctx);
+    tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL));
     t.on_accept = starttls_accept;
     t.srv.on_ev = starttls_srv_ev;
     t.srv.on_data = starttls_srv_data;
     t.cli.on_ev = starttls_cli_ev;
     t.cli.on_data = starttls_cli_data;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
-    assert_int_equal(t.srv.ev[CONN_EV_TLS_READY], 1);
-    assert_int_equal(t.cli.ev[CONN_EV_TLS_READY], 1);
+    tcase_go(&t);
+    check_tls_clean(&t);
     assert_int_equal(t.srv.ev[CONN_EV_EOF], 1);
     assert_string_equal(t.srv.in.data, "ping\r\n");
     assert_string_equal(t.cli.in.data, "hello from server\r\npong\r\n");
@@ -585,13 +642,6 @@ static void test_starttls(void **state)
 /* ---- 3: implicit TLS --------------------------------------------------- */
 
 static const char *g_expect_version;
-
-static void implicit_accept(struct tcase *t)
-{
-    assert_int_equal(w_start_tls(t->srv.c, t->sctx, 1, NULL), 0);
-    w_read_start(t->srv.c);
-    t->srv.tls_started = 1;
-}
 
 static void implicit_srv_ev(struct peer *p, enum conn_event ev, int status)
 {
@@ -607,11 +657,7 @@ static void implicit_srv_ev(struct peer *p, enum conn_event ev, int status)
 
 static void implicit_srv_data(struct peer *p)
 {
-    if (p->step == 0 && has(p, "early\r\n")) {
-        p->step = 1;
-        w_writes(p->c, "ok\r\n");
-        w_flush(p->c);
-    }
+    reply_once(p, "early\r\n", "ok\r\n");
 }
 
 static void implicit_cli_ev(struct peer *p, enum conn_event ev, int status)
@@ -629,10 +675,7 @@ static void implicit_cli_ev(struct peer *p, enum conn_event ev, int status)
 
 static void implicit_cli_data(struct peer *p)
 {
-    if (p->step == 0 && has(p, "ok\r\n")) {
-        p->step = 1;
-        w_close(p->c);
-    }
+    close_once(p, "ok\r\n");
 }
 
 /* The client starts TLS and writes before its connect has even completed:
@@ -640,17 +683,12 @@ static void implicit_cli_data(struct peer *p)
 static void run_implicit(int max_version, const char *expect)
 {
     struct tcase t;
-    char err[512];
 
-    tcase_init(&t, 1);
+    tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL));
     g_expect_version = expect;
-    t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-    t.cctx = tls_ctx_client(cert_path("ca.pem"), 1, NULL, NULL, err, sizeof(err));
-    assert_non_null(t.sctx);
-    assert_non_null(t.cctx);
     if (max_version != 0)
         SSL_CTX_set_max_proto_version(tls_ctx_ssl(t.cctx), max_version);
-    t.on_accept = implicit_accept;
+    t.on_accept = tls_accept;
     t.srv.on_ev = implicit_srv_ev;
     t.srv.on_data = implicit_srv_data;
     t.cli.on_ev = implicit_cli_ev;
@@ -664,10 +702,7 @@ static void run_implicit(int max_version, const char *expect)
     w_flush(t.cli.c);
     assert_int_equal(conn_pending(t.cli.c), 7);
     tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
-    assert_int_equal(t.srv.ev[CONN_EV_TLS_READY], 1);
-    assert_int_equal(t.cli.ev[CONN_EV_TLS_READY], 1);
+    check_tls_clean(&t);
     assert_int_equal(t.cli.ev[CONN_EV_CONNECTED], 1);
     assert_string_equal(t.srv.in.data, "early\r\n");
     assert_string_equal(t.cli.in.data, "ok\r\n");
@@ -687,13 +722,6 @@ static void test_implicit_tls12(void **state)
 }
 
 /* ---- 4, 5: mutual TLS and name verification ---------------------------- */
-
-static void mtls_accept(struct tcase *t)
-{
-    assert_int_equal(w_start_tls(t->srv.c, t->sctx, 1, NULL), 0);
-    w_read_start(t->srv.c);
-    t->srv.tls_started = 1;
-}
 
 static const char *g_servername;
 
@@ -732,10 +760,7 @@ static void mtls_cli_ev(struct peer *p, enum conn_event ev, int status)
 
 static void mtls_cli_data(struct peer *p)
 {
-    if (p->step == 0 && has(p, "welcome\r\n")) {
-        p->step = 1;
-        w_close(p->c);
-    }
+    close_once(p, "welcome\r\n");
 }
 
 /* Runs one handshake; ok says whether it must succeed. */
@@ -744,23 +769,17 @@ static void run_mtls(struct tls_ctx *sctx, struct tls_ctx *cctx, const char *ser
 {
     struct tcase t;
 
-    tcase_init(&t, 1);
-    t.sctx = sctx;
-    t.cctx = cctx;
+    tcase_init_tls(&t, sctx, cctx);
     g_servername = servername;
-    t.on_accept = mtls_accept;
+    t.on_accept = tls_accept;
     t.srv.on_ev = mtls_srv_ev;
     t.cli.on_ev = mtls_cli_ev;
     t.cli.on_data = mtls_cli_data;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
+    tcase_go(&t);
     assert_int_equal(t.srv.ev[CONN_EV_CLOSED], 1);
     assert_int_equal(t.cli.ev[CONN_EV_CLOSED], 1);
     if (ok) {
-        check_clean(&t.srv);
-        check_clean(&t.cli);
-        assert_int_equal(t.srv.ev[CONN_EV_TLS_READY], 1);
-        assert_int_equal(t.cli.ev[CONN_EV_TLS_READY], 1);
+        check_tls_clean(&t);
         assert_string_equal(t.cli.in.data, "welcome\r\n");
         if (srv_note != NULL)
             assert_string_equal(t.srv.tls_error, srv_note);
@@ -784,71 +803,38 @@ static void run_mtls(struct tls_ctx *sctx, struct tls_ctx *cctx, const char *ser
     tcase_free(&t);
 }
 
-static struct tls_ctx *mtls_server(void)
-{
-    char err[512];
-    struct tls_ctx *s = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"),
-                                       cert_path("ca.pem"), 1, err, sizeof(err));
-
-    if (s == NULL)
-        fail_msg("%s", err);
-    return s;
-}
-
-static struct tls_ctx *client_ctx(const char *ca, int verify, const char *cert, const char *key)
-{
-    char err[512];
-    struct tls_ctx *c = tls_ctx_client(ca != NULL ? cert_path(ca) : NULL, verify,
-                                       cert != NULL ? cert_path(cert) : NULL,
-                                       key != NULL ? cert_path(key) : NULL, err, sizeof(err));
-
-    if (c == NULL)
-        fail_msg("%s", err);
-    return c;
-}
-
 static void test_mtls_good_client(void **state)
 {
     (void)state;
-    run_mtls(mtls_server(), client_ctx("ca.pem", 1, "cli.pem", "cli.key"), "localhost", 1,
+    run_mtls(server_ctx("ca.pem"), client_ctx("ca.pem", 1, "cli.pem", "cli.key"), "localhost", 1,
              "cn=mailferry test client", NULL);
 }
 
 static void test_mtls_no_client_cert(void **state)
 {
     (void)state;
-    run_mtls(mtls_server(), client_ctx("ca.pem", 1, NULL, NULL), "localhost", 0,
+    run_mtls(server_ctx("ca.pem"), client_ctx("ca.pem", 1, NULL, NULL), "localhost", 0,
              "certificate", NULL);
 }
 
 static void test_mtls_foreign_client_cert(void **state)
 {
     (void)state;
-    run_mtls(mtls_server(), client_ctx("ca.pem", 1, "cli2.pem", "cli2.key"), "localhost", 0,
+    run_mtls(server_ctx("ca.pem"), client_ctx("ca.pem", 1, "cli2.pem", "cli2.key"), "localhost", 0,
              "certificate", NULL);
 }
 
 static void test_verify_wrong_servername(void **state)
 {
-    char err[512];
-    struct tls_ctx *s = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0,
-                                       err, sizeof(err));
-
     (void)state;
-    assert_non_null(s);
-    run_mtls(s, client_ctx("ca.pem", 1, NULL, NULL), "wrong.example", 0, NULL,
+    run_mtls(server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL), "wrong.example", 0, NULL,
              "hostname mismatch");
 }
 
 static void test_verify_unknown_ca(void **state)
 {
-    char err[512];
-    struct tls_ctx *s = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0,
-                                       err, sizeof(err));
-
     (void)state;
-    assert_non_null(s);
-    run_mtls(s, client_ctx("ca2.pem", 1, NULL, NULL), "localhost", 0, NULL,
+    run_mtls(server_ctx(NULL), client_ctx("ca2.pem", 1, NULL, NULL), "localhost", 0, NULL,
              "unable to get local issuer certificate");
 }
 
@@ -864,22 +850,16 @@ static void noverify_cli_ev(struct peer *p, enum conn_event ev, int status)
 static void test_noverify_any_name(void **state)
 {
     struct tcase t;
-    char err[512];
 
     (void)state;
-    tcase_init(&t, 1);
-    t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-    t.cctx = client_ctx("ca2.pem", 0, NULL, NULL);
+    tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca2.pem", 0, NULL, NULL));
     g_servername = "wrong.example.";
-    t.on_accept = mtls_accept;
+    t.on_accept = tls_accept;
     t.srv.on_ev = mtls_srv_ev;
     t.cli.on_ev = noverify_cli_ev;
     t.cli.on_data = mtls_cli_data;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
-    assert_int_equal(t.cli.ev[CONN_EV_TLS_READY], 1);
+    tcase_go(&t);
+    check_tls_clean(&t);
     assert_string_equal(t.cli.in.data, "welcome\r\n");
     tcase_free(&t);
 }
@@ -954,14 +934,11 @@ static void big_cli_data(struct peer *p)
 static void test_large_transfer(void **state)
 {
     struct tcase t;
-    char err[512];
 
     (void)state;
-    tcase_init(&t, 1);
-    t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-    t.cctx = client_ctx("ca.pem", 1, NULL, NULL);
+    tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL));
     g_servername = "localhost";
-    t.on_accept = mtls_accept;
+    t.on_accept = tls_accept;
     t.srv.on_ev = big_srv_ev;
     t.cli.on_ev = big_cli_ev;
     t.cli.on_data = big_cli_data;
@@ -970,10 +947,8 @@ static void test_large_transfer(void **state)
     t.cli.pause_every = 250007;
     t.srv.next_pause = t.srv.pause_every;
     t.cli.next_pause = t.cli.pause_every;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
+    tcase_go(&t);
+    check_tls_clean(&t);
     assert_int_equal(t.srv.rcvd, BIG_TOTAL);
     assert_int_equal(t.cli.rcvd, BIG_TOTAL);
     assert_int_equal(t.srv.sent, BIG_TOTAL);
@@ -1038,14 +1013,12 @@ static void close_cli_ev(struct peer *p, enum conn_event ev, int status)
 static void run_close(int tls)
 {
     struct tcase t;
-    char err[512];
 
-    tcase_init(&t, 1);
     if (tls) {
-        t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-        t.cctx = client_ctx("ca.pem", 1, NULL, NULL);
+        tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL));
         t.on_accept = close_accept_tls;
     } else {
+        tcase_init(&t, 1);
         t.on_accept = close_accept_plain;
     }
     g_servername = "localhost";
@@ -1054,10 +1027,8 @@ static void run_close(int tls)
     t.cli.total = CLOSE_TOTAL;
     t.cli.pause_every = 200003;
     t.cli.next_pause = t.cli.pause_every;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
+    tcase_go(&t);
+    check_both_clean(&t);
     /* After conn_close only CONN_EV_CLOSED reaches the owner. */
     assert_int_equal(t.srv.ev[CONN_EV_DRAINED], 0);
     assert_int_equal(t.srv.ev[CONN_EV_EOF], 0);
@@ -1110,8 +1081,7 @@ static void test_abort(void **state)
     tcase_init(&t, 1);
     t.on_accept = abort_accept;
     t.cli.on_ev = abort_cli_ev;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
+    tcase_go(&t);
     assert_int_equal(t.cli.ev[CONN_EV_CONNECTED], 1);
     assert_int_equal(t.cli.ev[CONN_EV_DRAINED], 0);
     check_clean(&t.cli);
@@ -1141,11 +1111,7 @@ static void inj_srv_data(struct peer *p)
         return;
     }
     assert_null(strstr(p->in.data, "INJECTED"));
-    if (p->step == 0 && has(p, "secure\r\n")) {
-        p->step = 1;
-        w_writes(p->c, "done\r\n");
-        w_flush(p->c);
-    }
+    reply_once(p, "secure\r\n", "done\r\n");
 }
 
 static void inj_srv_ev(struct peer *p, enum conn_event ev, int status)
@@ -1186,31 +1152,22 @@ static void inj_cli_data(struct peer *p)
         assert_int_equal(w_start_tls(p->c, p->t->cctx, 0, "localhost"), 0);
         return;
     }
-    if (p->step == 0 && has(p, "done\r\n")) {
-        p->step = 1;
-        w_close(p->c);
-    }
+    close_once(p, "done\r\n");
 }
 
 static void test_starttls_injection_same_read(void **state)
 {
     struct tcase t;
-    char err[512];
 
     (void)state;
-    tcase_init(&t, 1);
-    t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-    t.cctx = client_ctx("ca.pem", 1, NULL, NULL);
+    tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL));
     t.on_accept = abort_accept;     /* just starts reading */
     t.srv.on_data = inj_srv_data;
     t.srv.on_ev = inj_srv_ev;
     t.cli.on_ev = inj_cli_ev;
     t.cli.on_data = inj_cli_data;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
-    assert_int_equal(t.srv.ev[CONN_EV_TLS_READY], 1);
+    tcase_go(&t);
+    check_tls_clean(&t);
     assert_string_equal(t.srv.in.data, "secure\r\n");
     assert_int_equal(t.srv.in_after_tls, strlen("secure\r\n"));
     tcase_free(&t);
@@ -1261,11 +1218,7 @@ static void inj2_cli_ev(struct peer *p, enum conn_event ev, int status)
 
 static void inj2_cli_data(struct peer *p)
 {
-    if (p->step == 0 && has(p, "250 wait\r\n")) {
-        p->step = 1;
-        w_writes(p->c, "INJECTED");
-        w_flush(p->c);
-    }
+    reply_once(p, "250 wait\r\n", "INJECTED");
     if (p->step == 1 && has(p, "220 go\r\n")) {
         p->step = 2;
         p->tls_started = 1;
@@ -1276,18 +1229,14 @@ static void inj2_cli_data(struct peer *p)
 static void test_starttls_injection_later_read(void **state)
 {
     struct tcase t;
-    char err[512];
 
     (void)state;
-    tcase_init(&t, 1);
-    t.sctx = tls_ctx_server(cert_path("srv.pem"), cert_path("srv.key"), NULL, 0, err, sizeof(err));
-    t.cctx = client_ctx("ca.pem", 1, NULL, NULL);
+    tcase_init_tls(&t, server_ctx(NULL), client_ctx("ca.pem", 1, NULL, NULL));
     t.on_accept = abort_accept;
     t.srv.on_data = inj2_srv_data;
     t.cli.on_ev = inj2_cli_ev;
     t.cli.on_data = inj2_cli_data;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
+    tcase_go(&t);
     assert_int_equal(t.srv.in_after_tls, 0);
     assert_string_equal(t.srv.in.data, "STARTTLS-ish\r\n");
     assert_int_equal(t.srv.ev[CONN_EV_TLS_READY], 0);
@@ -1375,10 +1324,8 @@ static void test_connect_bad_source(void **state)
     tcase_init(&t, 0);
     closed_port(&t);
     uv_ip4_addr("192.0.2.1", 0, &src);   /* TEST-NET-1, not local */
-    g_in_call++;
-    t.cli.c = conn_connect(&t.loop, (struct sockaddr *)&t.addr, (struct sockaddr *)&src, 0,
-                           p_read, p_event, &t.cli);
-    g_in_call--;
+    IN_CALL(t.cli.c = conn_connect(&t.loop, (struct sockaddr *)&t.addr, (struct sockaddr *)&src,
+                                   0, p_read, p_event, &t.cli));
     tcase_run(&t);
     assert_int_equal(t.cli.ev[CONN_EV_ERROR], 1);
     assert_int_equal(t.cli.err, UV_EADDRNOTAVAIL);
@@ -1461,10 +1408,8 @@ static void test_close_timeout(void **state)
     t.on_accept = stuck_accept;
     t.srv.on_ev = stuck_srv_ev;
     t.cli.on_ev = stuck_cli_ev;
-    tcase_connect(&t, 5000, 0);
-    tcase_run(&t);
-    check_clean(&t.srv);
-    check_clean(&t.cli);
+    tcase_go(&t);
+    check_both_clean(&t);
     assert_int_equal(t.cli.ev[CONN_EV_EOF], 1);
     assert_string_equal(t.cli.in.data, "221 bye\r\n");
     tcase_free(&t);
