@@ -195,6 +195,8 @@ static void main_on_signal(uv_signal_t *h, int signum)
             gateway_reload(m->gateway);
         if (m->relay)
             relay_reload(m->relay);
+        if (m->router)
+            router_reload(m->router, m->cfg.path);
         return;
     }
     log_info("event=signal signal=%s", signum == SIGTERM ? "TERM" : "INT");

@@ -993,6 +993,56 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
     return r;
 }
 
+/* Two policies have the same routes, in the same order, with the same
+ * transports. */
+static int router_same_routes(const struct policy_config *a, const struct policy_config *b)
+{
+    if (policy_route_count(a) != policy_route_count(b))
+        return 0;
+    for (size_t i = 0; i < policy_route_count(a); i++) {
+        struct policy_route_info ia, ib;
+        policy_route_info(a, i, &ia);
+        policy_route_info(b, i, &ib);
+        if (strcmp(ia.name, ib.name) != 0 || ia.transport != ib.transport)
+            return 0;
+    }
+    return 1;
+}
+
+int router_reload(struct router *r, const char *path)
+{
+    struct mf_config cfg;
+    struct policy_config *pc;
+    char err[1024], q[1100];
+
+    if (config_load(&cfg, path, err, sizeof(err)) != 0) {
+        log_error("event=reload role=router result=fail reason=%s",
+                  log_quote(q, sizeof(q), err, strlen(err)));
+        return -1;
+    }
+    pc = policy_load(&cfg, NULL, err, sizeof(err));
+    config_free(&cfg);
+    if (pc == NULL) {
+        log_error("event=reload role=router result=fail reason=%s",
+                  log_quote(q, sizeof(q), err, strlen(err)));
+        return -1;
+    }
+    if (!router_same_routes(r->base, pc)) {
+        log_error("event=reload role=router result=fail reason=\"routes or transports changed; "
+                  "restart the router to apply\"");
+        policy_config_free(pc);
+        return -1;
+    }
+    policy_config_free(r->base);
+    r->base = pc;
+    /* The current live policy stays in force until the next snapshot
+     * (within policy_refresh) rebuilds it from the new base and the live
+     * overrides, so overrides never lapse. */
+    r->live_sig[0] = '\0';
+    log_info("event=reload role=router result=ok routes=%zu", policy_route_count(pc));
+    return 0;
+}
+
 static void router_timer_closed(uv_handle_t *h)
 {
     struct router *r = h->data;

@@ -46,6 +46,16 @@ struct router *router_new(uv_loop_t *loop, const struct mf_config *cfg, char *er
  * closes everything and calls done(arg) from the loop. */
 void router_shutdown(struct router *r, void (*done)(void *arg), void *arg);
 
+/*
+ * SIGHUP: re-reads the routing policy from the configuration file at path
+ * (thresholds, pins, splits: every [route NAME] and [policy] policy key)
+ * and applies it, with the live overrides on top, from the next decision
+ * on. The set of routes and their transports cannot change without a
+ * restart: such a file is refused, as is any invalid one, and the running
+ * policy stays. Returns 0 or -1 (logged).
+ */
+int router_reload(struct router *r, const char *path);
+
 /* ---- for jobs (router/job.c) ---- */
 
 struct store *router_store(struct router *r);
