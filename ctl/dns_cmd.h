@@ -4,10 +4,10 @@
  * (docs/dkim.md):
  *
  *   SPF    one v=spf1 record (RFC 7208 section 4.5) whose evaluation
- *          (check_host(), section 4) passes for every [dns] relay_ip,
- *          within the 10-lookup limit (section 4.6.4), that includes the
- *          API providers (the [route NAME] sections' provider keys and
- *          [dns] spf_includes), and that does not end in +all;
+ *          (check_host(), section 4, by the relay's evaluator relay/spf.h)
+ *          passes for every [dns] relay_ip, that includes the API
+ *          providers (the [route NAME] sections' provider keys and [dns]
+ *          spf_includes), and that does not end in +all;
  *   DKIM   for each configured key of DOMAIN, a record at
  *          <selector>._domainkey.<DOMAIN> that holds the key's public half
  *          (RFC 6376 section 3.6.2), not revoked, not in test mode;

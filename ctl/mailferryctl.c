@@ -13,6 +13,7 @@
  *   mailferryctl [--config FILE] [--json] dead requeue ID|--all
  *   mailferryctl [--config FILE] [--json] route suspend|resume NAME
  *   mailferryctl [--config FILE] [--json] stats [--hours N]
+ *   mailferryctl tunnel-certs DIR [--relay-name NAME ...] [--routers N] ...
  *
  * It reads the same configuration file as the daemons (with the same
  * MAILFERRY_<SECTION>_<KEY> environment overrides) to find Redis, the key
@@ -30,6 +31,7 @@
 #include <string.h>
 
 #include "ctl/ctl.h"
+#include "ctl/ctl_certs.h"
 #include "ctl/dkim_cmd.h"
 #include "ctl/dns_cmd.h"
 #include "ctl/ctl_policy.h"
@@ -83,6 +85,8 @@ static void usage(FILE *f)
     /* Sender authentication (ctl/dkim_cmd.h, ctl/dns_cmd.h, docs/dkim.md). */
     fprintf(f, "sender authentication (dns check exits 1 when something must be fixed):\n%s%s",
             ctl_dkim_usage, ctl_dns_usage);
+    /* The tunnel's certificates (ctl/ctl_certs.h, docs/relay.md). */
+    fprintf(f, "relay tunnel (no configuration or Redis needed):\n%s", ctl_certs_usage);
 }
 
 /* Reports bad arguments: the reason, then the usage text. Returns
@@ -410,6 +414,13 @@ int main(int argc, char **argv)
             usage(stderr);
             return CTL_EXIT_USAGE;
         }
+    }
+    /* "tunnel-certs" needs neither the configuration nor Redis. */
+    if (optind < argc && strcmp(argv[optind], "tunnel-certs") == 0) {
+        rc = ctl_certs_main(argc - optind, argv + optind);
+        if (fflush(stdout) != 0 && rc == CTL_EXIT_OK)
+            rc = CTL_EXIT_RUNTIME;
+        return rc;
     }
     /* "dkim" and "dns" parse their own arguments and read the configuration
      * only when they need it (ctl/dkim_cmd.c, ctl/dns_cmd.c). */

@@ -424,8 +424,14 @@ static int rt_tunnel_failed(struct relay_transport *t, const char *why)
     char q[600];
 
     t->failures++;
-    log_info("route=%s event=tunnel_check_failed host=%s failures=%u reason=%s", t->route,
-             t->hostport, t->failures, log_quote(q, sizeof(q), why, strlen(why)));
+    /* Once the tunnel is known to be down, each further failure is news
+     * only when debugging. */
+    if (t->known && !t->tunnel_up)
+        log_debug("route=%s event=tunnel_check_failed host=%s failures=%u reason=%s", t->route,
+                  t->hostport, t->failures, log_quote(q, sizeof(q), why, strlen(why)));
+    else
+        log_info("route=%s event=tunnel_check_failed host=%s failures=%u reason=%s", t->route,
+                 t->hostport, t->failures, log_quote(q, sizeof(q), why, strlen(why)));
     if (t->failures < t->fail_limit)
         return 0;
     rt_strf(t->down_reason, sizeof(t->down_reason), "%s", why);

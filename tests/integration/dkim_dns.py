@@ -26,9 +26,17 @@ OPENDKIM_TESTMSG = "/usr/sbin/opendkim-testmsg"
 
 
 def free_udp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free for both UDP and TCP (dnsmasq binds both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
 
 
 def txt_arg(name, value):
@@ -76,28 +84,40 @@ class Zone:
 class Dnsmasq:
     """A dnsmasq on 127.0.0.1:port serving zone, stopped by stop()."""
 
-    def __init__(self, zone, port=None):
+    def __init__(self, zone):
         self.zone = zone
-        self.port = port or free_udp_port()
+        self.port = None
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(self.zone.args(self.port), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        """Starts dnsmasq on a free port; a port taken meanwhile by another
+        process (dnsmasq then exits) means another try on another one."""
+        err = ""
+        for _ in range(5):
+            self.port = free_udp_port()
+            self.proc = subprocess.Popen(self.zone.args(self.port), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE)
+            if self._wait_answer():
+                return self
+            err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
+            self.stop()
+        raise RuntimeError("dnsmasq did not start: %s" % err)
+
+    def _wait_answer(self):
         deadline = time.monotonic() + 5
         r = self.resolver(timeout=0.3)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("dnsmasq exited: %s" % self.proc.stderr.read().decode())
+                return False
             try:
                 r.resolve("probe.test", "A")
-                return self
+                return True
             except dns.resolver.NXDOMAIN:
-                return self
+                return True
             except (dns.exception.Timeout, dns.resolver.NoNameservers,
                     dns.resolver.NoAnswer):
                 time.sleep(0.05)
-        raise RuntimeError("dnsmasq did not answer on port %d" % self.port)
+        return False
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

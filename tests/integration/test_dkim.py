@@ -461,7 +461,7 @@ def test_dns_check_good_zone(keys, dns_good, tmp_path):
     assert rc == 0, out + err
     r = rows(out)
     assert set(v for v, _ in r.values()) == {"OK"}, out
-    assert r["SPF authorises %s" % RELAY_IP][1].startswith("pass (ip4:%s)" % RELAY_IP)
+    assert r["SPF authorises %s" % RELAY_IP][1].startswith("pass (ip4:%s matched" % RELAY_IP)
     assert r["SPF includes spf.api.example"][0] == "OK"
     assert "matches the private key (rsa, 2048 bits)" in r["DKIM mf1 (rsa)"][1]
     assert "matches the private key (ed25519" in r["DKIM mf2 (ed25519)"][1]
@@ -492,12 +492,15 @@ def test_dns_check_broken_zone(keys, tmp_path):
     z.add_host("10.2.0.192.bl2.example.test", "127.255.255.254")
     srv = Dnsmasq(z).start()
     try:
-        conf = check_config(tmp_path, keys[0], srv.server)
+        # An API route: its provider's SPF include is required too.
+        conf = check_config(tmp_path, keys[0], srv.server,
+                            "\n[route api]\ntransport = api\nprovider = postmark\n")
         rc, out, err = ctl("dns", "check", DOMAIN, config=conf)
     finally:
         srv.stop()
     assert rc == 1, out + err
     r = rows(out)
+    assert r["SPF includes spf.mtasv.net"] == ("FAIL", "include:spf.mtasv.net is missing")
     assert r["SPF record"][0] == "WARN"                 # ?all
     assert r["SPF authorises %s" % RELAY_IP][0] == "FAIL"
     assert r["SPF authorises %s" % RELAY_IP][1].startswith("neutral")

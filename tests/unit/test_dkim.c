@@ -545,8 +545,8 @@ static const char *const edge_msgs[] = {
     "From: a@example.test\r\n\r\n\r\n\r\n",
     /* Names in other cases, WSP before the colon, tabs, folding, and two
      * To fields (picked bottom-up). */
-    "FROM :  a@example.test  \r\nsubject:\tfolded\r\n\t  value \t \r\n  more\r\n"
-    "To: one@dest.example\r\nTo: two@dest.example\r\nX-Unsigned: x\r\n\r\nbody\r\n",
+    ("FROM :  a@example.test  \r\nsubject:\tfolded\r\n\t  value \t \r\n  more\r\n"
+     "To: one@dest.example\r\nTo: two@dest.example\r\nX-Unsigned: x\r\n\r\nbody\r\n"),
     /* A header field with an empty value. */
     "From: a@example.test\r\nSubject:\r\nCc:   \r\n\r\nx\r\n",
 };

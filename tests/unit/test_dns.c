@@ -42,22 +42,29 @@ static char servers[64];
 #define PART1 "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"
 #define PART2 "second-part-of-the-key"
 
+/* A loopback port free for both UDP and TCP (dnsmasq binds both). */
 static int free_udp_port(void)
 {
-    struct sockaddr_in sa;
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
-    int port;
+    for (;;) {
+        struct sockaddr_in sa;
+        socklen_t len = sizeof(sa);
+        int u = socket(AF_INET, SOCK_DGRAM, 0), t, port, ok;
 
-    assert_true(fd >= 0);
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
+        assert_true(u >= 0);
+        memset(&sa, 0, sizeof(sa));
+        sa.sin_family = AF_INET;
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        assert_int_equal(bind(u, (struct sockaddr *)&sa, sizeof(sa)), 0);
+        assert_int_equal(getsockname(u, (struct sockaddr *)&sa, &len), 0);
+        port = ntohs(sa.sin_port);
+        t = socket(AF_INET, SOCK_STREAM, 0);
+        assert_true(t >= 0);
+        ok = bind(t, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+        close(t);
+        close(u);
+        if (ok)
+            return port;
+    }
 }
 
 /* ---- a loop with one resolver ---------------------------------------------- */
@@ -124,21 +131,17 @@ static const struct dns_result *query(struct ctx *c, const char *name, enum dns_
 
 /* ---- dnsmasq ------------------------------------------------------------------ */
 
-static int dnsmasq_up(void **state)
+static pid_t start_dnsmasq(void)
 {
     char port[32];
-    struct ctx c;
-    const struct dns_result *r;
+    pid_t pid;
 
-    (void)state;
-    if (access(DNSMASQ, X_OK) != 0)
-        return 0;
     dns_port = free_udp_port();
     snprintf(port, sizeof(port), "--port=%d", dns_port);
     snprintf(servers, sizeof(servers), "127.0.0.1:%d", dns_port);
-    dnsmasq_pid = fork();
-    assert_true(dnsmasq_pid >= 0);
-    if (dnsmasq_pid == 0) {
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
         char *argv[] = {
             DNSMASQ, port, "--listen-address=127.0.0.1", "--bind-interfaces",
             "--no-resolv", "--no-hosts", "--keep-in-foreground", "--conf-file=/dev/null",
@@ -161,17 +164,42 @@ static int dnsmasq_up(void **state)
         execv(DNSMASQ, argv);
         _exit(127);
     }
-    /* Wait until it answers. */
-    ctx_init(&c, servers, 200);
-    for (int i = 0; i < 50; i++) {
-        r = query(&c, "host.example.test", DNS_T_A);
-        if (r->status == DNS_OK)
-            break;
-        usleep(100000);
+    return pid;
+}
+
+static int dnsmasq_up(void **state)
+{
+    (void)state;
+    if (access(DNSMASQ, X_OK) != 0)
+        return 0;
+    /* A port can be taken between choosing it and dnsmasq binding it (other
+     * tests run on this host): start again on another one. */
+    for (int attempt = 0; attempt < 5; attempt++) {
+        struct ctx c;
+        int up = 0;
+
+        dnsmasq_pid = start_dnsmasq();
+        ctx_init(&c, servers, 200);
+        for (int i = 0; i < 50 && !up; i++) {
+            if (waitpid(dnsmasq_pid, NULL, WNOHANG) == dnsmasq_pid) {
+                dnsmasq_pid = 0;
+                break;
+            }
+            up = query(&c, "host.example.test", DNS_T_A)->status == DNS_OK;
+            if (!up)
+                usleep(100000);
+        }
+        ctx_done(&c);
+        if (up)
+            return 0;
+        if (dnsmasq_pid > 0) {
+            kill(dnsmasq_pid, SIGTERM);
+            waitpid(dnsmasq_pid, NULL, 0);
+            dnsmasq_pid = 0;
+        }
     }
-    assert_int_equal(c.last->status, DNS_OK);
-    ctx_done(&c);
-    return 0;
+    fail_msg("dnsmasq did not start");
+    return -1;
 }
 
 static int dnsmasq_down(void **state)
