@@ -484,15 +484,16 @@ static void print_snippets(const char *dir, const struct certs_opts *op, char fp
                "tls_cert = %s/relay.crt\n"
                "tls_key = %s/relay.key\n"
                "tunnel_ca = %s/tunnel-ca.crt\n", CERTS_RELAY_PORT, dir, dir, dir);
+        /* One fingerprint a line: the configuration's lines are short,
+         * and an indented line continues the value. */
         printf("pinned_clients = ");
         for (size_t i = 0; i < nrouters; i++)
-            printf("%s%s", i ? ", " : "", fps[i]);
+            printf("%s%s", i ? ",\n    " : "", fps[i]);
         printf("\n");
     } else {
-        printf("\nOn the relay, if [relay] pinned_clients is set, add:\n  ");
+        printf("\nOn the relay, if [relay] pinned_clients is set, add to it (one a line):\n");
         for (size_t i = 0; i < nrouters; i++)
-            printf("%s%s", i ? ", " : "", fps[i]);
-        printf("\n");
+            printf("    %s%s\n", fps[i], i + 1 < nrouters ? "," : "");
     }
     printf("\nOn each router (copy tunnel-ca.crt and its own <name>.crt and <name>.key; "
            "here %s):\n\n"

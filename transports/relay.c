@@ -106,7 +106,7 @@ static const struct rt_key rt_keys[] = {
 /* ---- state ------------------------------------------------------------------------ */
 
 enum rt_poll_state {
-    RP_WAIT,                        /* the timer runs until the next check */
+    RP_WAIT = 0,                    /* the timer runs until the next check */
     RP_RESOLVING,                   /* uv_getaddrinfo of the relay's host */
     RP_CONNECTING,                  /* smtp_client_connect until ready */
     RP_QUERY,                       /* XSTATUS sent */
@@ -445,6 +445,23 @@ static int rt_tunnel_failed(struct relay_transport *t, const char *why)
 
 /* ---- the status check ------------------------------------------------------------------- */
 
+static const char *const rt_poll_names[] = {
+    [RP_WAIT] = "wait",
+    [RP_RESOLVING] = "resolving",
+    [RP_CONNECTING] = "connecting",
+    [RP_QUERY] = "query",
+};
+
+/* Every change of the status check's state goes through here. */
+static void rt_enter(struct relay_transport *t, enum rt_poll_state s)
+{
+    if (t->pstate == s)
+        return;
+    log_debug("route=%s event=status_state from=%s to=%s", t->route, rt_poll_names[t->pstate],
+              rt_poll_names[s]);
+    t->pstate = s;
+}
+
 static void rt_on_timer(uv_timer_t *h)
 {
     rt_poll_start(h->data);
@@ -453,7 +470,7 @@ static void rt_on_timer(uv_timer_t *h)
 /* Waits delay_ms before the next check. */
 static void rt_poll_wait(struct relay_transport *t, uint64_t delay_ms)
 {
-    t->pstate = RP_WAIT;
+    rt_enter(t, RP_WAIT);
     if (!t->closing)
         uv_timer_start(&t->timer, rt_on_timer, delay_ms, 0);
 }
@@ -486,7 +503,7 @@ static void rt_check_failed(struct relay_transport *t, const char *why)
 {
     rt_release_client(t);
     if (t->closing) {
-        t->pstate = RP_WAIT;
+        rt_enter(t, RP_WAIT);
         return;
     }
     if (rt_tunnel_failed(t, why))
@@ -518,8 +535,8 @@ static void rt_on_xstatus(struct smtp_client *cl, int status, const struct smtp_
     if (cl != t->client)
         return;                 /* released meanwhile (closing) */
     if (status != 0) {
-        rt_strf(why, sizeof(why), "XSTATUS: connection lost%s%s", reply != NULL ? " after " : "",
-                reply != NULL ? reply->text : "");
+        (void)reply;
+        rt_strf(why, sizeof(why), "XSTATUS: no reply (connection lost or timed out)");
         rt_check_failed(t, why);
         return;
     }
@@ -541,7 +558,7 @@ static void rt_on_xstatus(struct smtp_client *cl, int status, const struct smtp_
 
 static void rt_query(struct relay_transport *t)
 {
-    t->pstate = RP_QUERY;
+    rt_enter(t, RP_QUERY);
     if (smtp_client_command(t->client, "XSTATUS", rt_on_xstatus, t) != 0)
         rt_check_failed(t, "XSTATUS: connection not usable");
 }
@@ -561,7 +578,7 @@ static void rt_on_ready(struct smtp_client *cl, int status, const struct smtp_re
         /* The failed client releases itself. */
         t->client = NULL;
         if (t->closing) {
-            t->pstate = RP_WAIT;
+            rt_enter(t, RP_WAIT);
             return;
         }
         /* Another address of the host when this one did not answer. */
@@ -610,7 +627,7 @@ static void rt_connect(struct relay_transport *t)
     } else {
         uv_ip4_name((const struct sockaddr_in *)sa, t->ip, sizeof(t->ip));
     }
-    t->pstate = RP_CONNECTING;
+    rt_enter(t, RP_CONNECTING);
     t->client = smtp_client_connect(t->loop, sa, &o, rt_on_ready, t);
     t->clients_alive++;
     smtp_client_on_free(t->client, rt_on_client_free, t);
@@ -626,7 +643,7 @@ static void rt_on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *r
     if (t->closing || status == UV_ECANCELED) {
         if (res != NULL)
             uv_freeaddrinfo(res);
-        t->pstate = RP_WAIT;
+        rt_enter(t, RP_WAIT);
         rt_maybe_finish(t);
         return;
     }
@@ -670,7 +687,7 @@ static void rt_poll_start(struct relay_transport *t)
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_NUMERICSERV;
     t->gai.data = t;
-    t->pstate = RP_RESOLVING;
+    rt_enter(t, RP_RESOLVING);
     r = uv_getaddrinfo(t->loop, &t->gai, rt_on_resolved, t->host, t->port, &hints);
     if (r < 0) {
         rt_strf(why, sizeof(why), "cannot resolve %s: %s", t->host, uv_strerror(r));
@@ -943,8 +960,8 @@ static struct transport *rt_create(uv_loop_t *loop, const char *route,
     uv_timer_init(loop, &t->timer);
     t->timer.data = t;
     t->timer_open = 1;
-    /* The first check runs as soon as the loop does. */
-    t->pstate = RP_WAIT;
+    /* The first check runs as soon as the loop does (pstate starts as
+     * RP_WAIT, the zero value). */
     uv_timer_start(&t->timer, rt_on_timer, 0, 0);
     log_info("route=%s event=transport_created transport=relay host=%s servername=%s "
              "status_interval_s=%llu status_failures=%u", t->route, t->hostport, t->servername,

@@ -114,8 +114,12 @@ def delivered_via(renv, rcpt):  # noqa: F811
 def test_end_to_end_bytes_identical(renv, tworld, start_relay, tunnel_pki):  # noqa: F811
     """gateway -> router -> tunnel -> relay -> MX: the MX gets exactly the
     bytes stored in Redis; one recipient's 451 is retried through the
-    tunnel; the event stream names the relay route."""
-    relay = start_tunnel_relay(start_relay, tworld)
+    tunnel; the event stream names the relay route. The relay pins the
+    router certificates with the line mailferryctl tunnel-certs printed."""
+    pins = re.search(r"^pinned_clients = (.+(?:\n    .+)*)$", tunnel_pki["output"],
+                     re.M).group(1)
+    assert pins.count("sha256:") == 2, pins
+    relay = start_tunnel_relay(start_relay, tworld, pinned_clients=pins)
     backup = renv.mx("backup")
     cfg = renv.config("all", {"relay": relay_route(relay, tunnel_pki),
                               "backup": renv.smtp_route(backup, 20)})
@@ -411,7 +415,7 @@ def test_tunnel_certs_files(tunnel_pki, tmp_path):
     fp = subprocess.run(["openssl", "x509", "-in", tunnel_pki["router_crt"], "-noout",
                          "-fingerprint", "-sha256"], capture_output=True,
                         check=True).stdout.decode().strip().split("=", 1)[1]
-    assert "pinned_clients = sha256:" + fp in out, out
+    assert "\npinned_clients = sha256:" + fp + ",\n    sha256:" in out, out
     assert "transport = relay" in out and "client_cert = %s/router-1.crt" % d in out, out
 
     # Never over existing files; --add-router issues more from the same CA.

@@ -1,7 +1,9 @@
 /*
  * Unit tests of the relay transport's pure parts (transports/relay.h):
  * the EHLO keyword X-MAILFERRY-STATUS and the XSTATUS reply, table-driven
- * with the texts docs/relay.md shows, and the route keys create() refuses.
+ * with the texts docs/relay.md shows, the route keys create() refuses, and
+ * the breaker trip the router applies when the relay turns unhealthy
+ * (policy_breaker_trip).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,6 +16,7 @@
 
 #include "lib/config.h"
 #include "lib/smtp_reply.h"
+#include "router/policy.h"
 #include "transports/relay.h"
 
 struct kw_case {
@@ -201,6 +204,59 @@ static void test_names(void **state)
     assert_int_equal(relay_transport_ops.health_opens_breaker, 1);
 }
 
+/* The way back through half-open: a trip opens a closed breaker for
+ * breaker_cooldown, reopens a half-open one with the cool-down doubled up
+ * to breaker_cooldown_max, and leaves an open one alone; the persisted
+ * form names the cause "health". */
+static void test_health_trip(void **state)
+{
+    struct policy_config *cfg = policy_config_new();
+    struct policy_breaker b = {0}, next, parsed;
+    char err[256], raw[160];
+
+    (void)state;
+    assert_int_equal(policy_config_set(cfg, "route.relay.transport", "relay", err, sizeof(err)),
+                     POLICY_OK);
+    assert_int_equal(policy_config_set(cfg, "route.relay.breaker_cooldown", "60", err,
+                                       sizeof(err)), POLICY_OK);
+    assert_int_equal(policy_config_set(cfg, "route.relay.breaker_cooldown_max", "200", err,
+                                       sizeof(err)), POLICY_OK);
+    assert_int_equal(policy_config_check(cfg, err, sizeof(err)), POLICY_OK);
+
+    assert_int_equal(policy_breaker_trip(cfg, 0, &b, POLICY_CAUSE_HEALTH, 1000, &next),
+                     POLICY_T_OPEN);
+    assert_int_equal(next.state, POLICY_BREAKER_OPEN);
+    assert_int_equal(next.since_ms, 1000);
+    assert_int_equal(next.cooldown_ms, 60000);
+    assert_int_equal(next.trips, 1);
+    assert_int_equal(next.cause, POLICY_CAUSE_HEALTH);
+    policy_breaker_format(&next, raw, sizeof(raw));
+    assert_non_null(strstr(raw, "cause=health"));
+    assert_int_equal(policy_breaker_parse(raw, &parsed), 0);
+    assert_int_equal(parsed.cause, POLICY_CAUSE_HEALTH);
+    assert_string_equal(policy_cause_name(POLICY_CAUSE_HEALTH), "health");
+
+    /* Open stays open. */
+    b = next;
+    assert_int_equal(policy_breaker_trip(cfg, 0, &b, POLICY_CAUSE_HEALTH, 5000, &next),
+                     POLICY_T_NONE);
+    assert_memory_equal(&b, &next, sizeof(b));
+
+    /* Half open: reopened, cool-down doubled, then capped at the maximum. */
+    b.state = POLICY_BREAKER_HALF_OPEN;
+    b.since_ms = 61000;
+    assert_int_equal(policy_breaker_trip(cfg, 0, &b, POLICY_CAUSE_HEALTH, 70000, &next),
+                     POLICY_T_REOPEN);
+    assert_int_equal(next.state, POLICY_BREAKER_OPEN);
+    assert_int_equal(next.cooldown_ms, 120000);
+    assert_int_equal(next.trips, 2);
+    next.state = POLICY_BREAKER_HALF_OPEN;
+    assert_int_equal(policy_breaker_trip(cfg, 0, &next, POLICY_CAUSE_HEALTH, 200000, &next),
+                     POLICY_T_REOPEN);
+    assert_int_equal(next.cooldown_ms, 200000);
+    policy_config_free(cfg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -209,6 +265,7 @@ int main(void)
         cmocka_unit_test(test_xstatus_long_list),
         cmocka_unit_test(test_create_errors),
         cmocka_unit_test(test_names),
+        cmocka_unit_test(test_health_trip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
