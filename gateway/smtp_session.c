@@ -158,7 +158,7 @@ static void smtp_enter_state(struct smtp_session *s, enum smtp_state st)
 {
     if (s->state == st)
         return;
-    log_debug("session=%s event=state from=%s to=%s", s->sid,
+    log_debug("session=%s event=state from=%s to=%s", s->srv.sid,
               smtp_state_names[s->state], smtp_state_names[st]);
     s->state = st;
 }
@@ -185,12 +185,12 @@ static void smtp_reply(struct smtp_session *s, int code, const char *enh, const 
         n = (int)sizeof(line) - 3;
     line[n++] = '\r';
     line[n++] = '\n';
-    conn_write(s->conn, line, (size_t)n);
+    conn_write(s->srv.conn, line, (size_t)n);
 }
 
 static void smtp_log_reject(struct smtp_session *s, const char *cmd, int code, const char *reason)
 {
-    log_info("session=%s event=reject ip=%s cmd=%s code=%d reason=%s", s->sid, s->ip,
+    log_info("session=%s event=reject ip=%s cmd=%s code=%d reason=%s", s->srv.sid, s->srv.ip,
              cmd, code, reason);
     metric_inc(metric_labels(gateway_metrics(s->gw)->rejected, reason));
 }
@@ -203,9 +203,9 @@ static int smtp_error(struct smtp_session *s)
 {
     const struct mf_config *cfg = gateway_config(s->gw);
 
-    if (++s->errors < cfg->gateway.max_errors)
+    if (++s->srv.errors < cfg->gateway.max_errors)
         return 0;
-    smtp_reply(s, 421, "4.7.0", "%s Error: too many errors", cfg->gateway.hostname);
+    smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many errors", cfg->gateway.hostname);
     smtp_close(s, "too_many_errors");
     return 1;
 }
@@ -221,17 +221,17 @@ static void smtp_on_timeout(uv_timer_t *t)
         /* The delayed answer to a failed AUTH (RFC 4954 section 4 leaves
          * the pace to the server; it slows down password guessing). */
         smtp_enter_state(s, SMTP_S_CMD);
-        smtp_reply(s, 535, "5.7.8", "Authentication credentials invalid");
+        smtp_server_reply(&s->srv, 535, "5.7.8", "Authentication credentials invalid");
         if (!smtp_error(s))
             smtp_process(s);
-        conn_flush(s->conn);
+        conn_flush(s->srv.conn);
         smtp_update_reading(s);
         return;
     }
     /* RFC 5321 section 4.5.3.2: the server times out an idle client. */
-    log_info("session=%s event=timeout ip=%s state=%s", s->sid, s->ip,
+    log_info("session=%s event=timeout ip=%s state=%s", s->srv.sid, s->srv.ip,
              smtp_state_names[s->state]);
-    smtp_reply(s, 421, "4.4.2", "%s Error: timeout exceeded", cfg->gateway.hostname);
+    smtp_server_reply(&s->srv, 421, "4.4.2", "%s Error: timeout exceeded", cfg->gateway.hostname);
     smtp_close(s, "timeout");
 }
 
@@ -253,7 +253,7 @@ static void smtp_arm_timer(struct smtp_session *s)
     default:
         return;
     }
-    uv_timer_start(&s->timer, smtp_on_timeout, ms, 0);
+    uv_timer_start(&s->srv.timer, smtp_on_timeout, ms, 0);
 }
 
 /* ---- transaction ---------------------------------------------------------- */
@@ -286,16 +286,16 @@ static void smtp_update_reading(struct smtp_session *s)
 {
     int want;
 
-    if (s->state == SMTP_S_CLOSING || s->conn_closed)
+    if (s->state == SMTP_S_CLOSING || s->srv.conn_closed)
         return;
     want = !s->paused_by_gateway && s->state != SMTP_S_QUEUEING &&
            s->state != SMTP_S_AUTH_CHECK && s->state != SMTP_S_AUTH_DELAY &&
-           s->in.len < SMTP_INBUF_MAX && conn_pending(s->conn) < SMTP_OUT_MAX;
-    if (want && !s->reading)
-        conn_read_start(s->conn);
-    else if (!want && s->reading)
-        conn_read_stop(s->conn);
-    s->reading = want;
+           s->srv.in.len < SMTP_INBUF_MAX && conn_pending(s->srv.conn) < SMTP_OUT_MAX;
+    if (want && !s->srv.reading)
+        conn_read_start(s->srv.conn);
+    else if (!want && s->srv.reading)
+        conn_read_stop(s->srv.conn);
+    s->srv.reading = want;
 }
 
 void smtp_session_set_paused(struct smtp_session *s, int paused)
@@ -320,14 +320,14 @@ struct smtp_cmd_def {
 
 static int smtp_tls_available(struct smtp_session *s)
 {
-    return s->kind != GATEWAY_LISTEN_TLS && !conn_is_tls(s->conn) && gateway_tls(s->gw) != NULL;
+    return s->kind != GATEWAY_LISTEN_TLS && !conn_is_tls(s->srv.conn) && gateway_tls(s->gw) != NULL;
 }
 
 /* RFC 4954 section 4 and RFC 6409 section 4.3: AUTH is offered only over
  * TLS, so passwords never cross the network in clear. */
 static int smtp_auth_available(struct smtp_session *s)
 {
-    return conn_is_tls(s->conn) && gateway_users(s->gw) != NULL;
+    return conn_is_tls(s->srv.conn) && gateway_users(s->gw) != NULL;
 }
 
 static void smtp_set_helo(struct smtp_session *s, const struct smtp_cmd *cmd)
@@ -353,7 +353,7 @@ static void smtp_cmd_helo(struct smtp_session *s, const struct smtp_cmd *cmd)
     const struct mf_config *cfg = gateway_config(s->gw);
 
     if (cmd->arglen == 0) {
-        smtp_reply(s, 501, "5.5.4", "Syntax: %s hostname", smtp_cmd_name(cmd->id));
+        smtp_server_reply(&s->srv, 501, "5.5.4", "Syntax: %s hostname", smtp_cmd_name(cmd->id));
         smtp_error(s);
         return;
     }
@@ -362,7 +362,7 @@ static void smtp_cmd_helo(struct smtp_session *s, const struct smtp_cmd *cmd)
     smtp_set_helo(s, cmd);
     s->esmtp = cmd->id == SMTP_CMD_EHLO;
     if (!s->esmtp) {
-        smtp_reply(s, 250, NULL, "%s", cfg->gateway.hostname);
+        smtp_server_reply(&s->srv, 250, NULL, "%s", cfg->gateway.hostname);
         return;
     }
     struct buf b = BUF_INIT;
@@ -376,24 +376,24 @@ static void smtp_cmd_helo(struct smtp_session *s, const struct smtp_cmd *cmd)
     if (smtp_auth_available(s) && s->auth_user == NULL)
         buf_appends(&b, "250-AUTH PLAIN LOGIN\r\n");
     buf_appends(&b, "250 ENHANCEDSTATUSCODES\r\n");
-    conn_write(s->conn, b.data, b.len);
+    conn_write(s->srv.conn, b.data, b.len);
     buf_free(&b);
 }
 
 static void smtp_cmd_noop(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
-    smtp_reply(s, 250, "2.0.0", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.0.0", "Ok");
 }
 
 static void smtp_cmd_rset(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
     smtp_tx_reset(s);
-    smtp_reply(s, 250, "2.0.0", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.0.0", "Ok");
 }
 
 static void smtp_cmd_quit(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
-    smtp_reply(s, 221, "2.0.0", "Bye");
+    smtp_server_reply(&s->srv, 221, "2.0.0", "Bye");
     s->quit = 1;
     smtp_close(s, "quit");
 }
@@ -403,29 +403,29 @@ static void smtp_cmd_quit(struct smtp_session *s, const struct smtp_cmd *cmd)
 static void smtp_cmd_vrfy(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
     if (cmd->arglen == 0) {
-        smtp_reply(s, 501, "5.5.4", "Syntax: VRFY address");
+        smtp_server_reply(&s->srv, 501, "5.5.4", "Syntax: VRFY address");
         smtp_error(s);
         return;
     }
-    smtp_reply(s, 252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery");
+    smtp_server_reply(&s->srv, 252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery");
 }
 
 static void smtp_cmd_expn(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
-    smtp_reply(s, 502, "5.5.1", "EXPN not available");
+    smtp_server_reply(&s->srv, 502, "5.5.1", "EXPN not available");
     smtp_error(s);
 }
 
 static void smtp_cmd_help(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
-    smtp_reply(s, 214, "2.0.0",
+    smtp_server_reply(&s->srv, 214, "2.0.0",
                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
 }
 
 static void smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
     /* CHUNKING (RFC 3030) is not offered, so BDAT is unknown here. */
-    smtp_reply(s, 502, "5.5.1", "Error: command not implemented");
+    smtp_server_reply(&s->srv, 502, "5.5.1", "Error: command not implemented");
     smtp_error(s);
 }
 
@@ -433,23 +433,23 @@ static void smtp_cmd_starttls(struct smtp_session *s, const struct smtp_cmd *cmd
 {
     struct tls_ctx *ctx = gateway_tls(s->gw);
 
-    if (conn_is_tls(s->conn)) {
-        smtp_reply(s, 503, "5.5.1", "Error: TLS already active");
+    if (conn_is_tls(s->srv.conn)) {
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: TLS already active");
         smtp_error(s);
         return;
     }
     if (!smtp_tls_available(s) || ctx == NULL) {
-        smtp_reply(s, 454, "4.7.0", "TLS not available");
+        smtp_server_reply(&s->srv, 454, "4.7.0", "TLS not available");
         smtp_error(s);
         return;
     }
-    smtp_reply(s, 220, "2.0.0", "Ready to start TLS");
+    smtp_server_reply(&s->srv, 220, "2.0.0", "Ready to start TLS");
     /* RFC 3207 section 4.2 and CVE-2011-0411: whatever the client sent
      * after STARTTLS in plaintext is discarded, never executed after the
      * handshake. */
-    buf_reset(&s->in);
+    buf_reset(&s->srv.in);
     smtp_enter_state(s, SMTP_S_TLS);
-    if (conn_start_tls(s->conn, ctx, 1, NULL) != 0)
+    if (conn_start_tls(s->srv.conn, ctx, 1, NULL) != 0)
         smtp_close(s, "tls_failed");
 }
 
@@ -481,10 +481,10 @@ static void smtp_auth_check(struct smtp_session *s, const char *authzid, const c
     snprintf(w->user, sizeof(w->user), "%s", user);
     snprintf(w->pass, sizeof(w->pass), "%s", pass);
     s->auth = w;
-    s->inflight++;
+    s->srv.inflight++;
     smtp_enter_state(s, SMTP_S_AUTH_CHECK);
-    uv_timer_stop(&s->timer);
-    uv_queue_work(uv_handle_get_loop((uv_handle_t *)&s->timer), &w->req, smtp_auth_work,
+    uv_timer_stop(&s->srv.timer);
+    uv_queue_work(uv_handle_get_loop((uv_handle_t *)&s->srv.timer), &w->req, smtp_auth_work,
                   smtp_auth_after_work);
 }
 
@@ -501,30 +501,30 @@ static void smtp_auth_after_work(uv_work_t *req, int status)
         return;
     }
     s->auth = NULL;
-    s->inflight--;
+    s->srv.inflight--;
     log_quote(q, sizeof(q), w->user, strlen(w->user));
     if (w->ok && status == 0) {
         s->auth_user = xstrdup(w->user);
-        log_info("session=%s event=auth ip=%s user=%s result=ok", s->sid, s->ip, q);
+        log_info("session=%s event=auth ip=%s user=%s result=ok", s->srv.sid, s->srv.ip, q);
         smtp_enter_state(s, SMTP_S_CMD);
-        smtp_reply(s, 235, "2.7.0", "Authentication successful");
+        smtp_server_reply(&s->srv, 235, "2.7.0", "Authentication successful");
         smtp_process(s);
     } else {
         const struct mf_config *cfg = gateway_config(s->gw);
         log_info("session=%s event=auth ip=%s user=%s result=fail reason=bad_credentials",
-                 s->sid, s->ip, q);
+                 s->srv.sid, s->srv.ip, q);
         smtp_enter_state(s, SMTP_S_AUTH_DELAY);
-        uv_timer_start(&s->timer, smtp_on_timeout, (uint64_t)cfg->gateway.auth_delay, 0);
+        uv_timer_start(&s->srv.timer, smtp_on_timeout, (uint64_t)cfg->gateway.auth_delay, 0);
     }
     free(w);
-    conn_flush(s->conn);
+    conn_flush(s->srv.conn);
     smtp_update_reading(s);
 }
 
 static void smtp_auth_fail_syntax(struct smtp_session *s, const char *why)
 {
     smtp_enter_state(s, SMTP_S_CMD);
-    smtp_reply(s, 501, "5.5.2", "%s", why);
+    smtp_server_reply(&s->srv, 501, "5.5.2", "%s", why);
     smtp_error(s);
 }
 
@@ -548,15 +548,15 @@ static void smtp_cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
     if (!smtp_auth_available(s)) {
         /* RFC 4954 section 6 and RFC 3207: 538 when the mechanism would
          * need encryption; without a users file AUTH is simply absent. */
-        if (gateway_users(s->gw) != NULL && !conn_is_tls(s->conn))
-            smtp_reply(s, 538, "5.7.11", "Encryption required for requested authentication mechanism");
+        if (gateway_users(s->gw) != NULL && !conn_is_tls(s->srv.conn))
+            smtp_server_reply(&s->srv, 538, "5.7.11", "Encryption required for requested authentication mechanism");
         else
-            smtp_reply(s, 502, "5.5.1", "Error: authentication not enabled");
+            smtp_server_reply(&s->srv, 502, "5.5.1", "Error: authentication not enabled");
         smtp_error(s);
         return;
     }
     if (s->auth_user) {
-        smtp_reply(s, 503, "5.5.1", "Error: already authenticated");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: already authenticated");
         smtp_error(s);
         return;
     }
@@ -571,7 +571,7 @@ static void smtp_cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
     if (mechlen == 5 && strncasecmp(mech, "PLAIN", 5) == 0) {
         if (ir == NULL) {
             smtp_enter_state(s, SMTP_S_AUTH_PLAIN);
-            smtp_reply(s, 334, NULL, "%s", "");
+            smtp_server_reply(&s->srv, 334, NULL, "%s", "");
         } else if (irlen == 1 && ir[0] == '=') {
             /* RFC 4954 section 4: "=" is an empty initial response. */
             smtp_auth_fail_syntax(s, "Cannot decode AUTH PLAIN response");
@@ -581,18 +581,18 @@ static void smtp_cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
     } else if (mechlen == 5 && strncasecmp(mech, "LOGIN", 5) == 0) {
         if (ir == NULL) {
             smtp_enter_state(s, SMTP_S_AUTH_USER);
-            smtp_reply(s, 334, NULL, "VXNlcm5hbWU6");   /* "Username:" */
+            smtp_server_reply(&s->srv, 334, NULL, "VXNlcm5hbWU6");   /* "Username:" */
         } else if (sasl_login_decode(ir, irlen, s->login_user) != 0) {
             smtp_auth_fail_syntax(s, "Cannot decode AUTH LOGIN response");
         } else {
             smtp_enter_state(s, SMTP_S_AUTH_PASS);
-            smtp_reply(s, 334, NULL, "UGFzc3dvcmQ6");   /* "Password:" */
+            smtp_server_reply(&s->srv, 334, NULL, "UGFzc3dvcmQ6");   /* "Password:" */
         }
     } else if (mechlen == 0) {
-        smtp_reply(s, 501, "5.5.4", "Syntax: AUTH mechanism");
+        smtp_server_reply(&s->srv, 501, "5.5.4", "Syntax: AUTH mechanism");
         smtp_error(s);
     } else {
-        smtp_reply(s, 504, "5.5.4", "Unrecognized authentication type");
+        smtp_server_reply(&s->srv, 504, "5.5.4", "Unrecognized authentication type");
         smtp_error(s);
     }
 }
@@ -604,7 +604,7 @@ static void smtp_auth_line(struct smtp_session *s, const char *line, size_t len)
 
     if (len == 1 && line[0] == '*') {
         smtp_enter_state(s, SMTP_S_CMD);
-        smtp_reply(s, 501, "5.0.0", "Authentication cancelled");
+        smtp_server_reply(&s->srv, 501, "5.0.0", "Authentication cancelled");
         smtp_error(s);
         return;
     }
@@ -618,7 +618,7 @@ static void smtp_auth_line(struct smtp_session *s, const char *line, size_t len)
             return;
         }
         smtp_enter_state(s, SMTP_S_AUTH_PASS);
-        smtp_reply(s, 334, NULL, "UGFzc3dvcmQ6");
+        smtp_server_reply(&s->srv, 334, NULL, "UGFzc3dvcmQ6");
         break;
     case SMTP_S_AUTH_PASS:
         if (sasl_login_decode(line, len, pass) != 0) {
@@ -650,40 +650,40 @@ static void smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
     int rc;
 
     if (s->tx) {
-        smtp_reply(s, 503, "5.5.1", "Error: nested MAIL command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: nested MAIL command");
         smtp_error(s);
         return;
     }
     /* RFC 6409 section 4.3: the submission ports need authentication. */
     if (s->kind != GATEWAY_LISTEN_PLAIN && s->auth_user == NULL) {
-        if (!conn_is_tls(s->conn))
-            smtp_reply(s, 530, "5.7.0", "Must issue a STARTTLS command first");
+        if (!conn_is_tls(s->srv.conn))
+            smtp_server_reply(&s->srv, 530, "5.7.0", "Must issue a STARTTLS command first");
         else
-            smtp_reply(s, 530, "5.7.0", "Authentication required");
+            smtp_server_reply(&s->srv, 530, "5.7.0", "Authentication required");
         smtp_log_reject(s, "MAIL", 530, "auth_required");
         smtp_error(s);
         return;
     }
     rc = smtp_addr_parse_mail(cmd->arg, cmd->arglen, &args, &why);
     if (rc == SMTP_ADDR_BAD_PARAM) {
-        smtp_reply(s, 555, "5.5.4", "%s", why);
+        smtp_server_reply(&s->srv, 555, "5.5.4", "%s", why);
         smtp_error(s);
         return;
     }
     if (rc == SMTP_ADDR_NEED_UTF8) {
-        smtp_reply(s, 553, "5.6.7", "%s", why);
+        smtp_server_reply(&s->srv, 553, "5.6.7", "%s", why);
         smtp_error(s);
         return;
     }
     if (rc != SMTP_ADDR_OK) {
-        smtp_reply(s, 501, "5.1.7", "Bad sender address syntax: %s", why);
+        smtp_server_reply(&s->srv, 501, "5.1.7", "Bad sender address syntax: %s", why);
         smtp_error(s);
         return;
     }
     /* RFC 1870 section 6.2: refuse at MAIL when the declared size is
      * already too big. */
     if (args.size > cfg->gateway.max_message_size) {
-        smtp_reply(s, 552, "5.3.4", "Message size exceeds fixed limit");
+        smtp_server_reply(&s->srv, 552, "5.3.4", "Message size exceeds fixed limit");
         smtp_log_reject(s, "MAIL", 552, "size_declared");
         smtp_error(s);
         return;
@@ -691,7 +691,7 @@ static void smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
     if (s->auth_user) {
         struct users *u = gateway_users(s->gw);
         if (u == NULL || !users_sender_allowed(u, s->auth_user, smtp_domain_of(args.path.addr))) {
-            smtp_reply(s, 553, "5.7.1", "<%s>: Sender address not owned by user %s",
+            smtp_server_reply(&s->srv, 553, "5.7.1", "<%s>: Sender address not owned by user %s",
                        args.path.addr, s->auth_user);
             smtp_log_reject(s, "MAIL", 553, "sender_not_owned");
             smtp_error(s);
@@ -702,7 +702,7 @@ static void smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
     s->tx->from = xstrdup(args.path.addr);
     s->tx->smtputf8 = args.smtputf8;
     s->tx->body = args.body;
-    smtp_reply(s, 250, "2.1.0", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.1.0", "Ok");
 }
 
 static void smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
@@ -713,31 +713,31 @@ static void smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
     int rc;
 
     if (s->tx == NULL) {
-        smtp_reply(s, 503, "5.5.1", "Error: need MAIL command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: need MAIL command");
         smtp_error(s);
         return;
     }
     s->tx->rcpt_tries++;
     rc = smtp_addr_parse_rcpt(cmd->arg, cmd->arglen, s->tx->smtputf8, &path, &why);
     if (rc == SMTP_ADDR_BAD_PARAM) {
-        smtp_reply(s, 555, "5.5.4", "%s", why);
+        smtp_server_reply(&s->srv, 555, "5.5.4", "%s", why);
         smtp_error(s);
         return;
     }
     if (rc == SMTP_ADDR_NEED_UTF8) {
-        smtp_reply(s, 553, "5.6.7", "%s", why);
+        smtp_server_reply(&s->srv, 553, "5.6.7", "%s", why);
         smtp_error(s);
         return;
     }
     if (rc != SMTP_ADDR_OK) {
-        smtp_reply(s, 501, "5.1.3", "Bad recipient address syntax: %s", why);
+        smtp_server_reply(&s->srv, 501, "5.1.3", "Bad recipient address syntax: %s", why);
         smtp_error(s);
         return;
     }
     /* No open relay: on the plain listener only allowed networks (or an
      * authenticated client) may send. */
     if (!s->allowed_net && s->auth_user == NULL) {
-        smtp_reply(s, 554, "5.7.1", "<%s>: Relay access denied", path.addr);
+        smtp_server_reply(&s->srv, 554, "5.7.1", "<%s>: Relay access denied", path.addr);
         smtp_log_reject(s, "RCPT", 554, "relay_denied");
         smtp_error(s);
         return;
@@ -745,7 +745,7 @@ static void smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
     /* RFC 5321 section 4.5.3.1.8: 452 for too many recipients; the
      * client sends the rest in another transaction. */
     if (s->tx->nrcpts >= (size_t)cfg->gateway.max_recipients) {
-        smtp_reply(s, 452, "4.5.3", "Error: too many recipients");
+        smtp_server_reply(&s->srv, 452, "4.5.3", "Error: too many recipients");
         smtp_log_reject(s, "RCPT", 452, "too_many_recipients");
         return;
     }
@@ -754,7 +754,7 @@ static void smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
         s->tx->rcpts = xrealloc(s->tx->rcpts, s->tx->rcpt_cap * sizeof(char *));
     }
     s->tx->rcpts[s->tx->nrcpts++] = xstrdup(path.addr);
-    smtp_reply(s, 250, "2.1.5", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.1.5", "Ok");
 }
 
 static void smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
@@ -762,19 +762,19 @@ static void smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
     const struct mf_config *cfg = gateway_config(s->gw);
 
     if (s->tx == NULL) {
-        smtp_reply(s, 503, "5.5.1", "Error: need MAIL command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: need MAIL command");
         smtp_error(s);
         return;
     }
     if (s->tx->rcpt_tries == 0) {
-        smtp_reply(s, 503, "5.5.1", "Error: need RCPT command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: need RCPT command");
         smtp_error(s);
         return;
     }
     if (s->tx->nrcpts == 0) {
         /* RFC 2920 section 3.1: with every RCPT refused (a pipelined
          * group), DATA fails with 554. */
-        smtp_reply(s, 554, "5.5.1", "Error: no valid recipients");
+        smtp_server_reply(&s->srv, 554, "5.5.1", "Error: no valid recipients");
         smtp_error(s);
         return;
     }
@@ -782,7 +782,7 @@ static void smtp_cmd_data(struct smtp_session *s, const struct smtp_cmd *cmd)
                    cfg->gateway.bare_newline == CONFIG_BARE_NORMALIZE ? SMTP_DATA_NORMALIZE
                                                                       : SMTP_DATA_KEEP,
                    (size_t)cfg->gateway.max_message_size);
-    smtp_reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
+    smtp_server_reply(&s->srv, 354, NULL, "End data with <CR><LF>.<CR><LF>");
     smtp_enter_state(s, SMTP_S_DATA);
 }
 
@@ -812,29 +812,29 @@ static void smtp_dispatch(struct smtp_session *s, const char *line, size_t len)
     const struct smtp_cmd_def *def;
 
     if (smtp_cmd_parse(line, len, &cmd) != 0 || cmd.id == SMTP_CMD_UNKNOWN) {
-        smtp_reply(s, 500, "5.5.2", "Error: command not recognized");
+        smtp_server_reply(&s->srv, 500, "5.5.2", "Error: command not recognized");
         smtp_log_reject(s, "unknown", 500, "unknown_command");
         smtp_error(s);
         return;
     }
     if (cmd.id != SMTP_CMD_AUTH && len + 2 > SMTP_CMD_LINE_MAX) {
-        smtp_reply(s, 500, "5.5.2", "Error: line too long");
+        smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
         smtp_error(s);
         return;
     }
     def = &smtp_cmds[cmd.id];
     if ((def->flags & CMDF_NO_ARG) && cmd.arglen > 0) {
-        smtp_reply(s, 501, "5.5.4", "Syntax: %s", smtp_cmd_name(cmd.id));
+        smtp_server_reply(&s->srv, 501, "5.5.4", "Syntax: %s", smtp_cmd_name(cmd.id));
         smtp_error(s);
         return;
     }
     if ((def->flags & CMDF_NEED_HELO) && s->helo[0] == '\0') {
-        smtp_reply(s, 503, "5.5.1", "Error: send HELO/EHLO first");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: send HELO/EHLO first");
         smtp_error(s);
         return;
     }
     if ((def->flags & CMDF_NOT_IN_TX) && s->tx) {
-        smtp_reply(s, 503, "5.5.1", "Error: %s not allowed during a mail transaction",
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: %s not allowed during a mail transaction",
                    smtp_cmd_name(cmd.id));
         smtp_error(s);
         return;
@@ -918,12 +918,12 @@ static void smtp_rfc5322_date(char *out, size_t n)
 static void smtp_build_headers(struct smtp_session *s, struct buf *h, char *cls, size_t clslen)
 {
     const struct mf_config *cfg = gateway_config(s->gw);
-    const struct sockaddr *peer = conn_peer(s->conn);
+    const struct sockaddr *peer = conn_peer(s->srv.conn);
     struct smtp_tx *tx = s->tx;
     int has_msgid, has_date;
     char date[64];
     const char *proto;
-    int tls = conn_is_tls(s->conn), auth = s->auth_user != NULL;
+    int tls = conn_is_tls(s->srv.conn), auth = s->auth_user != NULL;
 
     smtp_scan_headers(&tx->msg, &has_msgid, &has_date, cls, clslen);
     smtp_rfc5322_date(date, sizeof(date));
@@ -935,11 +935,11 @@ static void smtp_build_headers(struct smtp_session *s, struct buf *h, char *cls,
         proto = "SMTP";
 
     buf_appendf(h, "Received: from %s (%s%s%s)\r\n", s->helo,
-                peer && peer->sa_family == AF_INET6 ? "[IPv6:" : "[", s->ip, "]");
+                peer && peer->sa_family == AF_INET6 ? "[IPv6:" : "[", s->srv.ip, "]");
     buf_appendf(h, "\tby %s (mailferry) with %s id %s", cfg->gateway.hostname, proto, tx->id);
     if (tls)
-        buf_appendf(h, "\r\n\t(using %s with cipher %s)", conn_tls_version(s->conn),
-                    conn_tls_cipher(s->conn));
+        buf_appendf(h, "\r\n\t(using %s with cipher %s)", conn_tls_version(s->srv.conn),
+                    conn_tls_cipher(s->srv.conn));
     if (tx->nrcpts == 1)
         buf_appendf(h, "\r\n\tfor <%s>", tx->rcpts[0]);
     buf_appendf(h, "; %s\r\n", date);
@@ -955,17 +955,17 @@ static void smtp_on_queued(int status, const char *err, void *arg)
     struct smtp_tx *tx = s->tx;
     char q[300], eq[200];
 
-    s->inflight--;
+    s->srv.inflight--;
     if (s->state == SMTP_S_CLOSING) {
         smtp_maybe_free(s);
         return;
     }
     if (status == 0) {
         log_quote(q, sizeof(q), tx->from, strlen(tx->from));
-        log_info("session=%s event=queued id=%s from=%s nrcpt=%zu size=%zu", s->sid, tx->id, q,
+        log_info("session=%s event=queued id=%s from=%s nrcpt=%zu size=%zu", s->srv.sid, tx->id, q,
                  tx->nrcpts, tx->msg.len);
-        smtp_reply(s, 250, "2.0.0", "Ok: queued as %s", tx->id);
-        s->messages++;
+        smtp_server_reply(&s->srv, 250, "2.0.0", "Ok: queued as %s", tx->id);
+        s->srv.messages++;
         metric_inc(metric_labels(gateway_metrics(s->gw)->accepted));
         metric_observe(metric_labels(gateway_metrics(s->gw)->bytes), (double)tx->msg.len);
         metric_observe(metric_labels(gateway_metrics(s->gw)->enqueue),
@@ -973,14 +973,14 @@ static void smtp_on_queued(int status, const char *err, void *arg)
     } else {
         log_quote(eq, sizeof(eq), err ? err : "", err ? strlen(err) : 0);
         log_warn("session=%s event=reject id=%s cmd=DATA code=451 reason=queue_error error=%s",
-                 s->sid, tx->id, eq);
+                 s->srv.sid, tx->id, eq);
         metric_inc(metric_labels(gateway_metrics(s->gw)->rejected, "queue_error"));
-        smtp_reply(s, 451, "4.3.0", "Temporary failure: queue unavailable, try again later");
+        smtp_server_reply(&s->srv, 451, "4.3.0", "Temporary failure: queue unavailable, try again later");
     }
     smtp_tx_reset(s);
     smtp_enter_state(s, SMTP_S_CMD);
     smtp_process(s);
-    conn_flush(s->conn);
+    conn_flush(s->srv.conn);
     smtp_update_reading(s);
 }
 
@@ -999,7 +999,7 @@ static void smtp_end_of_data(struct smtp_session *s)
 
     smtp_enter_state(s, SMTP_S_CMD);
     if (tx->dec.too_big) {
-        smtp_reply(s, 552, "5.3.4", "Message size exceeds fixed limit");
+        smtp_server_reply(&s->srv, 552, "5.3.4", "Message size exceeds fixed limit");
         smtp_log_reject(s, "DATA", 552, "too_big");
         smtp_tx_reset(s);
         return;
@@ -1007,7 +1007,7 @@ static void smtp_end_of_data(struct smtp_session *s)
     if (tx->dec.bare_newline && cfg->gateway.bare_newline == CONFIG_BARE_REJECT) {
         /* SMTP smuggling defence: bare CR or LF never ends the message,
          * and by default a message containing them is refused. */
-        smtp_reply(s, 550, "5.6.0", "Error: bare CR or LF in message; use CRLF line endings");
+        smtp_server_reply(&s->srv, 550, "5.6.0", "Error: bare CR or LF in message; use CRLF line endings");
         smtp_log_reject(s, "DATA", 550, "bare_newline");
         smtp_tx_reset(s);
         return;
@@ -1021,11 +1021,11 @@ static void smtp_end_of_data(struct smtp_session *s)
     /* DKIM: sign after the added header fields, before the queue, on a
      * worker thread; smtp_on_signed() queues the message then. */
     smtp_enter_state(s, SMTP_S_QUEUEING);
-    s->inflight++;
+    s->srv.inflight++;
     if (dkim_sign_async(gateway_loop(s->gw), gateway_dkim(s->gw), tx->id, tx->from,
                         tx->msg.data, tx->msg.len, smtp_on_signed, s))
         return;
-    s->inflight--;
+    s->srv.inflight--;
     smtp_enqueue(s, cls);
 }
 
@@ -1043,12 +1043,12 @@ static void smtp_enqueue(struct smtp_session *s, const char *cls)
     m.nrcpts = tx->nrcpts;
     m.data = tx->msg.data;
     m.datalen = tx->msg.len;
-    m.client_ip = s->ip;
+    m.client_ip = s->srv.ip;
     m.helo = s->helo;
     m.auth_user = s->auth_user;
     m.msg_class = cls;
     smtp_enter_state(s, SMTP_S_QUEUEING);
-    s->inflight++;
+    s->srv.inflight++;
     tx->enqueued_ns = uv_hrtime();
     queue_enqueue(gateway_queue(s->gw), tx->id, &m, smtp_on_queued, s);
 }
@@ -1068,7 +1068,7 @@ static void smtp_on_signed(int status, const char *sigs, size_t siglen, const ch
     char cls[64], eq[300];
     int has_msgid, has_date;
 
-    s->inflight--;
+    s->srv.inflight--;
     if (s->state == SMTP_S_CLOSING) {
         smtp_maybe_free(s);
         return;
@@ -1076,12 +1076,12 @@ static void smtp_on_signed(int status, const char *sigs, size_t siglen, const ch
     if (status != 0) {
         log_quote(eq, sizeof(eq), err ? err : "", err ? strlen(err) : 0);
         log_warn("session=%s event=reject id=%s cmd=DATA code=451 reason=dkim_error error=%s",
-                 s->sid, tx->id, eq);
-        smtp_reply(s, 451, "4.3.0", "Temporary failure: cannot sign the message, try again later");
+                 s->srv.sid, tx->id, eq);
+        smtp_server_reply(&s->srv, 451, "4.3.0", "Temporary failure: cannot sign the message, try again later");
         smtp_tx_reset(s);
         smtp_enter_state(s, SMTP_S_CMD);
         smtp_process(s);
-        conn_flush(s->conn);
+        conn_flush(s->srv.conn);
         smtp_update_reading(s);
         return;
     }
@@ -1105,9 +1105,9 @@ static void smtp_process(struct smtp_session *s)
 {
     size_t off = 0;
 
-    while (off < s->in.len && !s->quit) {
-        const char *p = s->in.data + off;
-        size_t avail = s->in.len - off;
+    while (off < s->srv.in.len && !s->quit) {
+        const char *p = s->srv.in.data + off;
+        size_t avail = s->srv.in.len - off;
 
         if (s->state == SMTP_S_DATA) {
             struct smtp_tx *tx = s->tx;
@@ -1122,13 +1122,13 @@ static void smtp_process(struct smtp_session *s)
         if (s->state != SMTP_S_CMD && s->state != SMTP_S_AUTH_PLAIN &&
             s->state != SMTP_S_AUTH_USER && s->state != SMTP_S_AUTH_PASS)
             break;
-        if (s->discarding) {
+        if (s->srv.discarding) {
             int done = 0;
-            off += smtp_cmd_discard(p, avail, &s->discard_cr, &done);
+            off += smtp_cmd_discard(p, avail, &s->srv.discard_cr, &done);
             if (done) {
-                s->discarding = 0;
+                s->srv.discarding = 0;
                 smtp_enter_state(s, SMTP_S_CMD);
-                smtp_reply(s, 500, "5.5.2", "Error: line too long");
+                smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
                 smtp_log_reject(s, "line", 500, "line_too_long");
                 if (smtp_error(s))
                     break;
@@ -1140,8 +1140,8 @@ static void smtp_process(struct smtp_session *s)
         if (n == SMTP_FRAME_NEED_MORE)
             break;
         if (n == SMTP_FRAME_TOO_LONG) {
-            s->discarding = 1;
-            s->discard_cr = 0;
+            s->srv.discarding = 1;
+            s->srv.discard_cr = 0;
             continue;
         }
         off += (size_t)n;
@@ -1153,13 +1153,13 @@ static void smtp_process(struct smtp_session *s)
             return;   /* input already discarded by STARTTLS */
         if (s->stopping && s->tx == NULL && s->state == SMTP_S_CMD) {
             const struct mf_config *cfg = gateway_config(s->gw);
-            smtp_reply(s, 421, "4.3.2", "%s Service shutting down", cfg->gateway.hostname);
+            smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", cfg->gateway.hostname);
             smtp_close(s, "shutdown");
             break;
         }
     }
     if (s->state != SMTP_S_CLOSING)
-        buf_consume(&s->in, off);
+        buf_consume(&s->srv.in, off);
     if (s->state != SMTP_S_CLOSING)
         smtp_arm_timer(s);
 }
@@ -1170,9 +1170,9 @@ static void smtp_on_read(struct conn *c, const char *data, size_t len, void *arg
 
     if (s->state == SMTP_S_CLOSING || s->state == SMTP_S_TLS || s->state == SMTP_S_GREETING)
         return;
-    buf_append(&s->in, data, len);
+    buf_append(&s->srv.in, data, len);
     smtp_process(s);
-    conn_flush(s->conn);
+    conn_flush(s->srv.conn);
     smtp_update_reading(s);
 }
 
@@ -1181,8 +1181,8 @@ static void smtp_greet(struct smtp_session *s)
     const struct mf_config *cfg = gateway_config(s->gw);
 
     smtp_enter_state(s, SMTP_S_CMD);
-    smtp_reply(s, 220, NULL, "%s ESMTP mailferry", cfg->gateway.hostname);
-    conn_flush(s->conn);
+    smtp_server_reply(&s->srv, 220, NULL, "%s ESMTP mailferry", cfg->gateway.hostname);
+    conn_flush(s->srv.conn);
     smtp_arm_timer(s);
 }
 
@@ -1192,7 +1192,7 @@ static void smtp_on_event(struct conn *c, enum conn_event ev, int status, void *
 
     switch (ev) {
     case CONN_EV_TLS_READY:
-        log_info("session=%s event=tls ip=%s version=%s cipher=%s", s->sid, s->ip,
+        log_info("session=%s event=tls ip=%s version=%s cipher=%s", s->srv.sid, s->srv.ip,
                  conn_tls_version(c), conn_tls_cipher(c));
         if (s->state == SMTP_S_GREETING) {
             smtp_greet(s);
@@ -1217,7 +1217,7 @@ static void smtp_on_event(struct conn *c, enum conn_event ev, int status, void *
         smtp_update_reading(s);
         break;
     case CONN_EV_CLOSED:
-        s->conn_closed = 1;
+        s->srv.conn_closed = 1;
         smtp_maybe_free(s);
         break;
     case CONN_EV_CONNECTED:
@@ -1230,7 +1230,7 @@ static void smtp_on_event(struct conn *c, enum conn_event ev, int status, void *
 static void smtp_timer_closed(uv_handle_t *h)
 {
     struct smtp_session *s = h->data;
-    s->timer_open = 0;
+    s->srv.timer_open = 0;
     smtp_maybe_free(s);
 }
 
@@ -1238,13 +1238,13 @@ static void smtp_timer_closed(uv_handle_t *h)
  * callback (queue, password check) still refers to it. */
 static void smtp_maybe_free(struct smtp_session *s)
 {
-    if (!s->conn_closed || s->timer_open || s->inflight > 0)
+    if (!s->srv.conn_closed || s->srv.timer_open || s->srv.inflight > 0)
         return;
     metric_dec(metric_labels(gateway_metrics(s->gw)->connections,
                              gateway_listener_label(s->kind)));
     gateway_session_gone(s->gw, s);
     smtp_tx_free(s->tx);
-    buf_free(&s->in);
+    buf_free(&s->srv.in);
     free(s->auth_user);
     free(s);
 }
@@ -1263,26 +1263,26 @@ static void smtp_close_how(struct smtp_session *s, const char *reason, int abort
     if (s->state == SMTP_S_CLOSING)
         return;
     smtp_enter_state(s, SMTP_S_CLOSING);
-    ms = uv_now(uv_handle_get_loop((uv_handle_t *)&s->timer)) - s->started;
+    ms = uv_now(uv_handle_get_loop((uv_handle_t *)&s->srv.timer)) - s->srv.started;
     log_info("session=%s event=disconnect ip=%s reason=%s messages=%u errors=%d duration_ms=%llu",
-             s->sid, s->ip, reason, s->messages, s->errors, (unsigned long long)ms);
+             s->srv.sid, s->srv.ip, reason, s->srv.messages, s->srv.errors, (unsigned long long)ms);
     if (s->auth) {
         /* The password check cannot be stopped once a worker runs it; its
          * completion finds the session gone and only frees itself. */
         s->auth->s = NULL;
         uv_cancel((uv_req_t *)&s->auth->req);
         s->auth = NULL;
-        s->inflight--;
+        s->srv.inflight--;
     }
-    conn_read_stop(s->conn);
+    conn_read_stop(s->srv.conn);
     if (abort) {
-        conn_abort(s->conn);
+        conn_abort(s->srv.conn);
     } else {
-        conn_flush(s->conn);
-        conn_close(s->conn);
+        conn_flush(s->srv.conn);
+        conn_close(s->srv.conn);
     }
-    uv_timer_stop(&s->timer);
-    uv_close((uv_handle_t *)&s->timer, smtp_timer_closed);
+    uv_timer_stop(&s->srv.timer);
+    uv_close((uv_handle_t *)&s->srv.timer, smtp_timer_closed);
 }
 
 struct smtp_session *smtp_session_accept(struct gateway *gw, uv_stream_t *server,
@@ -1296,31 +1296,31 @@ struct smtp_session *smtp_session_accept(struct gateway *gw, uv_stream_t *server
 
     if (prefix == 0 && RAND_bytes((unsigned char *)&prefix, sizeof(prefix)) != 1)
         prefix = 1;
-    s->conn = conn_accept(server, smtp_on_read, smtp_on_event, s);
-    if (s->conn == NULL) {
+    s->srv.conn = conn_accept(server, smtp_on_read, smtp_on_event, s);
+    if (s->srv.conn == NULL) {
         free(s);
         return NULL;
     }
     s->gw = gw;
     s->kind = kind;
     s->state = SMTP_S_GREETING;
-    snprintf(s->sid, sizeof(s->sid), "%04x%06lx", prefix & 0xffff, ++counter & 0xffffff);
-    snprintf(s->ip, sizeof(s->ip), "%s", conn_peer_ip(s->conn));
-    s->allowed_net = cidr_list_match(&cfg->gateway.allowed, conn_peer(s->conn));
-    buf_init(&s->in);
-    uv_timer_init(gateway_loop(gw), &s->timer);
-    s->timer.data = s;
-    s->timer_open = 1;
-    s->started = uv_now(gateway_loop(gw));
+    snprintf(s->srv.sid, sizeof(s->srv.sid), "%04x%06lx", prefix & 0xffff, ++counter & 0xffffff);
+    snprintf(s->srv.ip, sizeof(s->srv.ip), "%s", conn_peer_ip(s->srv.conn));
+    s->allowed_net = cidr_list_match(&cfg->gateway.allowed, conn_peer(s->srv.conn));
+    buf_init(&s->srv.in);
+    uv_timer_init(gateway_loop(gw), &s->srv.timer);
+    s->srv.timer.data = s;
+    s->srv.timer_open = 1;
+    s->srv.started = uv_now(gateway_loop(gw));
     gateway_session_add(gw, s);
     metric_inc(metric_labels(gateway_metrics(gw)->connections, gateway_listener_label(kind)));
     metric_inc(metric_labels(gateway_metrics(gw)->sessions, gateway_listener_label(kind)));
 
-    log_info("session=%s event=connect ip=%s listener=%s", s->sid, s->ip, smtp_kind_names[kind]);
-    rc = gateway_admit(gw, s->ip);
+    log_info("session=%s event=connect ip=%s listener=%s", s->srv.sid, s->srv.ip, smtp_kind_names[kind]);
+    rc = gateway_admit(gw, s->srv.ip);
     if (rc != 0) {
         /* RFC 5321 section 3.1: a server may refuse with 421 at greeting. */
-        smtp_reply(s, 421, "4.7.0", "%s Error: too many connections%s", cfg->gateway.hostname,
+        smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many connections%s", cfg->gateway.hostname,
                    rc == GATEWAY_LIMIT_PER_IP ? " from your address" : "");
         smtp_log_reject(s, "connect", 421,
                         rc == GATEWAY_LIMIT_PER_IP ? "per_ip_limit" : "connection_limit");
@@ -1332,7 +1332,7 @@ struct smtp_session *smtp_session_accept(struct gateway *gw, uv_stream_t *server
         /* RFC 8314 section 3.3: implicit TLS, the banner comes after the
          * handshake. */
         if (gateway_tls(gw) == NULL ||
-            conn_start_tls(s->conn, gateway_tls(gw), 1, NULL) != 0) {
+            conn_start_tls(s->srv.conn, gateway_tls(gw), 1, NULL) != 0) {
             smtp_close(s, "tls_unavailable");
             return s;
         }
@@ -1346,7 +1346,7 @@ struct smtp_session *smtp_session_accept(struct gateway *gw, uv_stream_t *server
 
 const char *smtp_session_ip(const struct smtp_session *s)
 {
-    return s->ip;
+    return s->srv.ip;
 }
 
 int smtp_session_admitted(const struct smtp_session *s)
@@ -1364,7 +1364,7 @@ void smtp_session_shutdown(struct smtp_session *s)
     if (s->tx == NULL && (s->state == SMTP_S_CMD || s->state == SMTP_S_GREETING ||
                           s->state == SMTP_S_TLS)) {
         if (s->state == SMTP_S_CMD)
-            smtp_reply(s, 421, "4.3.2", "%s Service shutting down", cfg->gateway.hostname);
+            smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", cfg->gateway.hostname);
         smtp_close(s, "shutdown");
     }
 }

@@ -164,7 +164,7 @@ static void rs_enter_state(struct relay_session *s, enum rs_state st)
 {
     if (s->state == st)
         return;
-    log_debug("session=%s event=state from=%s to=%s", s->sid, rs_state_names[s->state],
+    log_debug("session=%s event=state from=%s to=%s", s->srv.sid, rs_state_names[s->state],
               rs_state_names[st]);
     s->state = st;
 }
@@ -199,7 +199,7 @@ static void rs_reply(struct relay_session *s, int code, const char *enh, const c
             line[i] = '?';
     line[n++] = '\r';
     line[n++] = '\n';
-    conn_write(s->conn, line, (size_t)n);
+    conn_write(s->srv.conn, line, (size_t)n);
 }
 
 /*
@@ -251,7 +251,7 @@ static void rs_reply_pass(struct relay_session *s, const struct smtp_reply *r)
             break;
         line = nl + 1;
     }
-    conn_write(s->conn, b.data, b.len);
+    conn_write(s->srv.conn, b.data, b.len);
     buf_free(&b);
 }
 
@@ -271,9 +271,9 @@ static const char *rs_reply_str(const struct smtp_reply *r, char *out, size_t n)
  */
 static int rs_error(struct relay_session *s)
 {
-    if (++s->errors < RS_MAX_ERRORS)
+    if (++s->srv.errors < RS_MAX_ERRORS)
         return 0;
-    rs_reply(s, 421, "4.7.0", "%s Error: too many errors", rs_cfg(s)->relay.helo_name);
+    smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many errors", rs_cfg(s)->relay.helo_name);
     rs_close(s, "too_many_errors");
     return 1;
 }
@@ -293,7 +293,7 @@ static void rs_on_timeout(uv_timer_t *t)
 {
     struct relay_session *s = t->data;
 
-    log_info("session=%s event=timeout ip=%s state=%s", s->sid, s->ip, rs_state_names[s->state]);
+    log_info("session=%s event=timeout ip=%s state=%s", s->srv.sid, s->srv.ip, rs_state_names[s->state]);
     if (s->state == RS_HANDSHAKE) {
         /* No banner was sent and none will be. */
         metric_inc(metric_labels(relay_metrics(s->r)->tunnels, "timeout"));
@@ -301,7 +301,7 @@ static void rs_on_timeout(uv_timer_t *t)
         return;
     }
     /* RFC 5321 section 4.5.3.2: the server times out an idle client. */
-    rs_reply(s, 421, "4.4.2", "%s Error: timeout exceeded", rs_cfg(s)->relay.helo_name);
+    smtp_server_reply(&s->srv, 421, "4.4.2", "%s Error: timeout exceeded", rs_cfg(s)->relay.helo_name);
     rs_close(s, "timeout");
 }
 
@@ -325,10 +325,10 @@ static void rs_arm_timer(struct relay_session *s)
         ms = (uint64_t)cfg->relay.data_timeout * 1000;
         break;
     default:
-        uv_timer_stop(&s->timer);
+        uv_timer_stop(&s->srv.timer);
         return;
     }
-    uv_timer_start(&s->timer, rs_on_timeout, ms, 0);
+    uv_timer_start(&s->srv.timer, rs_on_timeout, ms, 0);
 }
 
 /* ---- transaction ---------------------------------------------------------------- */
@@ -341,7 +341,7 @@ static void rs_release_mx(struct relay_session *s, int reusable)
 
     if (tx == NULL || tx->mx == NULL)
         return;
-    mx_pool_put(tx->mx, reusable && s->inflight == 0);
+    mx_pool_put(tx->mx, reusable && s->srv.inflight == 0);
     tx->mx = NULL;
 }
 
@@ -398,7 +398,7 @@ static void rs_log_rcpt(struct relay_session *s, int code, const char *enh, cons
 
     log_info("session=%s event=rcpt rcpt=%s domain=%s mx=%s peer=%s source=%s code=%d "
              "enhanced=%s reply=%s",
-             s->sid, log_quote(qr, sizeof(qr), tx->rcpt, strlen(tx->rcpt)), tx->domain,
+             s->srv.sid, log_quote(qr, sizeof(qr), tx->rcpt, strlen(tx->rcpt)), tx->domain,
              tx->mx_host[0] ? tx->mx_host : "-", tx->mx_peer[0] ? tx->mx_peer : "-", source, code,
              enh && enh[0] ? enh : "-", log_quote(qt, sizeof(qt), text, strlen(text)));
     metric_inc(metric_labels(relay_metrics(s->r)->rcpt, rs_class_label(code)));
@@ -409,7 +409,7 @@ static void rs_rcpt_failed(struct relay_session *s)
 {
     struct rs_tx *tx = s->tx;
 
-    rs_reply(s, tx->fail_code, tx->fail_enh, "%s", tx->fail_text);
+    smtp_server_reply(&s->srv, tx->fail_code, tx->fail_enh, "%s", tx->fail_text);
     rs_log_rcpt(s, tx->fail_code, tx->fail_enh, tx->fail_text, "relay");
 }
 
@@ -419,7 +419,7 @@ static void rs_resume(struct relay_session *s)
     rs_enter_state(s, RS_CMD);
     rs_process(s);
     if (s->state != RS_CLOSING)
-        conn_flush(s->conn);
+        conn_flush(s->srv.conn);
     rs_update_reading(s);
 }
 
@@ -432,7 +432,7 @@ static void rs_resolve(struct relay_session *s)
     struct rs_tx *tx = s->tx;
 
     rs_enter_state(s, RS_RESOLVE);
-    uv_timer_stop(&s->timer);
+    uv_timer_stop(&s->srv.timer);
     tx->lookup = mx_resolve(relay_resolver(s->r), tx->domain, rs_on_route, s);
 }
 
@@ -447,7 +447,7 @@ static int rs_mx_lost(struct relay_session *s, const char *during)
     struct rs_tx *tx = s->tx;
 
     if (tx->mx != NULL && mx_conn_uses(tx->mx) > 0 && !tx->mail_sent && !tx->retried) {
-        log_info("session=%s event=mx_stale domain=%s peer=%s during=%s", s->sid, tx->domain,
+        log_info("session=%s event=mx_stale domain=%s peer=%s during=%s", s->srv.sid, tx->domain,
                  tx->mx_peer, during);
         rs_release_mx(s, 0);
         tx->retried = 1;
@@ -467,7 +467,7 @@ static void rs_on_rcpt(struct smtp_client *c, int status, const struct smtp_repl
     char rs[600];
 
     (void)c;
-    s->inflight--;
+    s->srv.inflight--;
     if (s->state == RS_CLOSING) {
         rs_maybe_free(s);
         return;
@@ -498,7 +498,7 @@ static void rs_on_mail(struct smtp_client *c, int status, const struct smtp_repl
     char rs[600], q[700];
 
     (void)c;
-    s->inflight--;
+    s->srv.inflight--;
     if (s->state == RS_CLOSING) {
         rs_maybe_free(s);
         return;
@@ -518,7 +518,7 @@ static void rs_on_mail(struct smtp_client *c, int status, const struct smtp_repl
     /* The MX refused the sender: its reply answers this RCPT and every
      * later one (the router's MAIL was already answered here). */
     rs_reply_str(r, rs, sizeof(rs));
-    log_info("session=%s event=mx_mail_refused domain=%s peer=%s reply=%s", s->sid, tx->domain,
+    log_info("session=%s event=mx_mail_refused domain=%s peer=%s reply=%s", s->srv.sid, tx->domain,
              tx->mx_peer, log_quote(q, sizeof(q), rs, strlen(rs)));
     rs_tx_fail_reply(s, r);
     rs_reply_pass(s, r);
@@ -534,7 +534,7 @@ static void rs_rcpt_to_mx(struct relay_session *s)
 
     rs_enter_state(s, RS_MX);
     if (tx->mx != NULL && smtp_client_rcpt(mx_conn_client(tx->mx), tx->rcpt, rs_on_rcpt, s) == 0) {
-        s->inflight++;
+        s->srv.inflight++;
         return;
     }
     rs_release_mx(s, 0);
@@ -563,7 +563,7 @@ static void rs_on_conn(struct mx_conn *mc, const char *err, void *arg)
     snprintf(tx->mx_tls, sizeof(tx->mx_tls), "%s", mx_conn_tls(mc));
     if (smtp_client_mail(mx_conn_client(mc), tx->from, &tx->params, rs_on_mail, s) == 0) {
         rs_enter_state(s, RS_MX);
-        s->inflight++;
+        s->srv.inflight++;
         return;
     }
     if (rs_mx_lost(s, "MAIL"))
@@ -590,7 +590,7 @@ static void rs_on_route(const struct mx_route *route, void *arg)
         for (size_t i = 0; i < route->ntargets; i++)
             buf_appendf(&b, "%s%s/%s", i ? "," : "", route->targets[i].host,
                         route->targets[i].ip);
-        log_debug("session=%s event=route domain=%s implicit=%d targets=%s", s->sid, tx->domain,
+        log_debug("session=%s event=route domain=%s implicit=%d targets=%s", s->srv.sid, tx->domain,
                   route->implicit, b.data ? b.data : "");
         buf_free(&b);
     }
@@ -607,15 +607,15 @@ static void rs_update_reading(struct relay_session *s)
 {
     int want;
 
-    if (s->state == RS_CLOSING || s->conn_closed)
+    if (s->state == RS_CLOSING || s->srv.conn_closed)
         return;
     want = (s->state == RS_HANDSHAKE || s->state == RS_CMD || s->state == RS_DATA) &&
-           s->in.len < RS_INBUF_MAX && conn_pending(s->conn) < RS_OUT_MAX;
-    if (want && !s->reading)
-        conn_read_start(s->conn);
-    else if (!want && s->reading)
-        conn_read_stop(s->conn);
-    s->reading = want;
+           s->srv.in.len < RS_INBUF_MAX && conn_pending(s->srv.conn) < RS_OUT_MAX;
+    if (want && !s->srv.reading)
+        conn_read_start(s->srv.conn);
+    else if (!want && s->srv.reading)
+        conn_read_stop(s->srv.conn);
+    s->srv.reading = want;
 }
 
 /* ---- commands ------------------------------------------------------------------ */
@@ -657,7 +657,7 @@ static void rs_cmd_helo(struct relay_session *s, const struct smtp_cmd *cmd)
     struct buf b = BUF_INIT;
 
     if (cmd->arglen == 0) {
-        rs_reply(s, 501, "5.5.4", "Syntax: %s hostname", smtp_cmd_name(cmd->id));
+        smtp_server_reply(&s->srv, 501, "5.5.4", "Syntax: %s hostname", smtp_cmd_name(cmd->id));
         rs_error(s);
         return;
     }
@@ -666,7 +666,7 @@ static void rs_cmd_helo(struct relay_session *s, const struct smtp_cmd *cmd)
     rs_set_helo(s, cmd);
     s->esmtp = cmd->id == SMTP_CMD_EHLO;
     if (!s->esmtp) {
-        rs_reply(s, 250, NULL, "%s", cfg->relay.helo_name);
+        smtp_server_reply(&s->srv, 250, NULL, "%s", cfg->relay.helo_name);
         return;
     }
     selfcheck_summary(relay_selfcheck(s->r), status, sizeof(status));
@@ -678,7 +678,7 @@ static void rs_cmd_helo(struct relay_session *s, const struct smtp_cmd *cmd)
     buf_appends(&b, "250-ENHANCEDSTATUSCODES\r\n");
     /* docs/relay.md: the self-check result for the router's policy. */
     buf_appendf(&b, "250 X-MAILFERRY-STATUS %s\r\n", status);
-    conn_write(s->conn, b.data, b.len);
+    conn_write(s->srv.conn, b.data, b.len);
     buf_free(&b);
 }
 
@@ -690,30 +690,30 @@ static void rs_cmd_mail(struct relay_session *s, const struct smtp_cmd *cmd)
     int rc;
 
     if (s->tx) {
-        rs_reply(s, 503, "5.5.1", "Error: nested MAIL command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: nested MAIL command");
         rs_error(s);
         return;
     }
     rc = smtp_addr_parse_mail(cmd->arg, cmd->arglen, &args, &why);
     if (rc == SMTP_ADDR_BAD_PARAM) {
-        rs_reply(s, 555, "5.5.4", "%s", why);
+        smtp_server_reply(&s->srv, 555, "5.5.4", "%s", why);
         rs_error(s);
         return;
     }
     if (rc == SMTP_ADDR_NEED_UTF8) {
-        rs_reply(s, 553, "5.6.7", "%s", why);
+        smtp_server_reply(&s->srv, 553, "5.6.7", "%s", why);
         rs_error(s);
         return;
     }
     if (rc != SMTP_ADDR_OK) {
-        rs_reply(s, 501, "5.1.7", "Bad sender address syntax: %s", why);
+        smtp_server_reply(&s->srv, 501, "5.1.7", "Bad sender address syntax: %s", why);
         rs_error(s);
         return;
     }
     /* RFC 1870 section 6.2: refuse at MAIL when the declared size is
      * already too big. */
     if (args.size > cfg->relay.max_message_size) {
-        rs_reply(s, 552, "5.3.4", "Message size exceeds fixed limit");
+        smtp_server_reply(&s->srv, 552, "5.3.4", "Message size exceeds fixed limit");
         rs_error(s);
         return;
     }
@@ -724,7 +724,7 @@ static void rs_cmd_mail(struct relay_session *s, const struct smtp_cmd *cmd)
     s->tx->params.smtputf8 = args.smtputf8;
     buf_init(&s->tx->msg);
     /* The MX is not known before the first RCPT names the domain. */
-    rs_reply(s, 250, "2.1.0", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.1.0", "Ok");
 }
 
 static void rs_cmd_rcpt(struct relay_session *s, const struct smtp_cmd *cmd)
@@ -737,28 +737,28 @@ static void rs_cmd_rcpt(struct relay_session *s, const struct smtp_cmd *cmd)
     int rc;
 
     if (tx == NULL) {
-        rs_reply(s, 503, "5.5.1", "Error: need MAIL command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: need MAIL command");
         rs_error(s);
         return;
     }
     rc = smtp_addr_parse_rcpt(cmd->arg, cmd->arglen, tx->params.smtputf8, &path, &why);
     if (rc == SMTP_ADDR_BAD_PARAM) {
-        rs_reply(s, 555, "5.5.4", "%s", why);
+        smtp_server_reply(&s->srv, 555, "5.5.4", "%s", why);
         rs_error(s);
         return;
     }
     if (rc == SMTP_ADDR_NEED_UTF8) {
-        rs_reply(s, 553, "5.6.7", "%s", why);
+        smtp_server_reply(&s->srv, 553, "5.6.7", "%s", why);
         rs_error(s);
         return;
     }
     if (rc != SMTP_ADDR_OK) {
-        rs_reply(s, 501, "5.1.3", "Bad recipient address syntax: %s", why);
+        smtp_server_reply(&s->srv, 501, "5.1.3", "Bad recipient address syntax: %s", why);
         rs_error(s);
         return;
     }
     if (path.postmaster || path.domain == NULL || path.domain[0] == '\0') {
-        rs_reply(s, 550, "5.1.3", "<%s>: a recipient without a domain cannot be relayed",
+        smtp_server_reply(&s->srv, 550, "5.1.3", "<%s>: a recipient without a domain cannot be relayed",
                  path.addr);
         return;
     }
@@ -767,13 +767,13 @@ static void rs_cmd_rcpt(struct relay_session *s, const struct smtp_cmd *cmd)
     /* One destination per transaction: the router groups recipients by
      * domain, and the MX connection belongs to that domain. */
     if (tx->domain[0] != '\0' && strcmp(tx->domain, domain) != 0) {
-        rs_reply(s, 451, "4.5.3", "<%s>: one destination domain per transaction (%s); send "
+        smtp_server_reply(&s->srv, 451, "4.5.3", "<%s>: one destination domain per transaction (%s); send "
                  "%s in another transaction", path.addr, tx->domain, domain);
         return;
     }
     /* RFC 5321 section 4.5.3.1.8: 452 for too many recipients. */
     if (tx->rcpt_tries >= (unsigned)cfg->relay.max_recipients) {
-        rs_reply(s, 452, "4.5.3", "Error: too many recipients");
+        smtp_server_reply(&s->srv, 452, "4.5.3", "Error: too many recipients");
         return;
     }
     tx->rcpt_tries++;
@@ -796,18 +796,18 @@ static void rs_cmd_data(struct relay_session *s, const struct smtp_cmd *cmd)
 
     (void)cmd;
     if (s->tx == NULL) {
-        rs_reply(s, 503, "5.5.1", "Error: need MAIL command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: need MAIL command");
         rs_error(s);
         return;
     }
     if (s->tx->rcpt_tries == 0) {
-        rs_reply(s, 503, "5.5.1", "Error: need RCPT command");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: need RCPT command");
         rs_error(s);
         return;
     }
     if (s->tx->naccepted == 0) {
         /* RFC 2920 section 3.1: with every RCPT refused, DATA fails. */
-        rs_reply(s, 554, "5.5.1", "Error: no valid recipients");
+        smtp_server_reply(&s->srv, 554, "5.5.1", "Error: no valid recipients");
         return;
     }
     /* A bare CR or LF is stored as CRLF: the MX must never see a line end
@@ -815,7 +815,7 @@ static void rs_cmd_data(struct relay_session *s, const struct smtp_cmd *cmd)
      * already refused or normalised them, so this changes nothing for
      * mail that came through it. */
     smtp_data_init(&s->tx->dec, SMTP_DATA_NORMALIZE, (size_t)cfg->relay.max_message_size);
-    rs_reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
+    smtp_server_reply(&s->srv, 354, NULL, "End data with <CR><LF>.<CR><LF>");
     rs_enter_state(s, RS_DATA);
 }
 
@@ -823,19 +823,19 @@ static void rs_cmd_rset(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     (void)cmd;
     rs_tx_reset(s);
-    rs_reply(s, 250, "2.0.0", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.0.0", "Ok");
 }
 
 static void rs_cmd_noop(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     (void)cmd;
-    rs_reply(s, 250, "2.0.0", "Ok");
+    smtp_server_reply(&s->srv, 250, "2.0.0", "Ok");
 }
 
 static void rs_cmd_quit(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     (void)cmd;
-    rs_reply(s, 221, "2.0.0", "Bye");
+    smtp_server_reply(&s->srv, 221, "2.0.0", "Bye");
     s->quit = 1;
     rs_close(s, "quit");
 }
@@ -844,23 +844,23 @@ static void rs_cmd_vrfy(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     (void)cmd;
     /* RFC 5321 section 3.5.3: 252 when the address cannot be verified. */
-    rs_reply(s, 252, "2.5.0", "Cannot VRFY user; send a RCPT");
+    smtp_server_reply(&s->srv, 252, "2.5.0", "Cannot VRFY user; send a RCPT");
 }
 
 static void rs_cmd_not_here(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     switch (cmd->id) {
     case SMTP_CMD_STARTTLS:
-        rs_reply(s, 503, "5.5.1", "Error: TLS already active");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: TLS already active");
         break;
     case SMTP_CMD_AUTH:
-        rs_reply(s, 503, "5.5.1", "Error: already authenticated by client certificate");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: already authenticated by client certificate");
         break;
     case SMTP_CMD_BDAT:
-        rs_reply(s, 502, "5.5.1", "Error: BDAT not supported (no CHUNKING)");
+        smtp_server_reply(&s->srv, 502, "5.5.1", "Error: BDAT not supported (no CHUNKING)");
         break;
     default:
-        rs_reply(s, 502, "5.5.1", "Error: command not implemented");
+        smtp_server_reply(&s->srv, 502, "5.5.1", "Error: command not implemented");
         break;
     }
     rs_error(s);
@@ -869,7 +869,7 @@ static void rs_cmd_not_here(struct relay_session *s, const struct smtp_cmd *cmd)
 static void rs_cmd_help(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     (void)cmd;
-    rs_reply(s, 214, "2.0.0", "mailferry relay: EHLO MAIL RCPT DATA RSET NOOP QUIT XSTATUS");
+    smtp_server_reply(&s->srv, 214, "2.0.0", "mailferry relay: EHLO MAIL RCPT DATA RSET NOOP QUIT XSTATUS");
 }
 
 /* XSTATUS: the self-check report (docs/relay.md). */
@@ -879,7 +879,7 @@ static void rs_cmd_xstatus(struct relay_session *s, const struct smtp_cmd *cmd)
 
     (void)cmd;
     selfcheck_report(relay_selfcheck(s->r), &b);
-    conn_write(s->conn, b.data, b.len);
+    conn_write(s->srv.conn, b.data, b.len);
     buf_free(&b);
 }
 
@@ -917,27 +917,27 @@ static void rs_dispatch(struct relay_session *s, const char *line, size_t len)
             def = &rs_cmd_xstatus_def;
     }
     if (def == NULL || def->run == NULL) {
-        rs_reply(s, 500, "5.5.2", "Error: command not recognized");
+        smtp_server_reply(&s->srv, 500, "5.5.2", "Error: command not recognized");
         rs_error(s);
         return;
     }
     if (len + 2 > SMTP_CMD_LINE_MAX) {
-        rs_reply(s, 500, "5.5.2", "Error: line too long");
+        smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
         rs_error(s);
         return;
     }
     if ((def->flags & CMDF_NO_ARG) && cmd.arglen > 0) {
-        rs_reply(s, 501, "5.5.4", "Syntax: %s", def->name);
+        smtp_server_reply(&s->srv, 501, "5.5.4", "Syntax: %s", def->name);
         rs_error(s);
         return;
     }
     if ((def->flags & CMDF_NEED_HELO) && s->helo[0] == '\0') {
-        rs_reply(s, 503, "5.5.1", "Error: send HELO/EHLO first");
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: send HELO/EHLO first");
         rs_error(s);
         return;
     }
     if ((def->flags & CMDF_NOT_IN_TX) && s->tx) {
-        rs_reply(s, 503, "5.5.1", "Error: %s not allowed during a mail transaction", def->name);
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: %s not allowed during a mail transaction", def->name);
         rs_error(s);
         return;
     }
@@ -954,7 +954,7 @@ static void rs_on_dot(struct smtp_client *c, int status, const struct smtp_reply
     int code;
 
     (void)c;
-    s->inflight--;
+    s->srv.inflight--;
     if (s->state == RS_CLOSING) {
         rs_maybe_free(s);
         return;
@@ -970,7 +970,7 @@ static void rs_on_dot(struct smtp_client *c, int status, const struct smtp_reply
         else
             snprintf(rs, sizeof(rs), "451 4.4.2 connection to %s (%s) lost during DATA",
                      tx->mx_host, tx->mx_peer);
-        rs_reply(s, 451, "4.4.2", "%s", rs + 10);
+        smtp_server_reply(&s->srv, 451, "4.4.2", "%s", rs + 10);
         code = 451;
     } else {
         rs_reply_pass(s, r);
@@ -981,11 +981,11 @@ static void rs_on_dot(struct smtp_client *c, int status, const struct smtp_reply
     }
     log_info("session=%s event=message from=%s domain=%s nrcpt=%zu size=%zu mx=%s peer=%s "
              "tls=%s code=%d reply=%s",
-             s->sid, log_quote(qf, sizeof(qf), tx->from, strlen(tx->from)), tx->domain,
+             s->srv.sid, log_quote(qf, sizeof(qf), tx->from, strlen(tx->from)), tx->domain,
              tx->naccepted, tx->msg.len, tx->mx_host, tx->mx_peer,
              tx->mx_tls[0] ? tx->mx_tls : "no", code, log_quote(qr, sizeof(qr), rs, strlen(rs)));
     metric_inc(metric_labels(relay_metrics(s->r)->messages, rs_class_label(code)));
-    s->messages++;
+    s->srv.messages++;
     rs_tx_reset(s);
     rs_resume(s);
 }
@@ -998,26 +998,26 @@ static void rs_end_of_data(struct relay_session *s)
 
     rs_enter_state(s, RS_CMD);
     if (tx->dec.too_big) {
-        rs_reply(s, 552, "5.3.4", "Message size exceeds fixed limit");
+        smtp_server_reply(&s->srv, 552, "5.3.4", "Message size exceeds fixed limit");
         rs_tx_reset(s);
         return;
     }
     if (tx->mx == NULL) {
         /* The MX went away after accepting recipients (a 421). */
-        rs_reply(s, 451, "4.4.2", "connection to %s (%s) lost before DATA, try again later",
+        smtp_server_reply(&s->srv, 451, "4.4.2", "connection to %s (%s) lost before DATA, try again later",
                  tx->mx_host, tx->mx_peer);
         rs_tx_reset(s);
         return;
     }
     if (smtp_client_data(mx_conn_client(tx->mx), tx->msg.data ? tx->msg.data : "", tx->msg.len,
                          rs_on_dot, s) != 0) {
-        rs_reply(s, 451, "4.4.2", "connection to %s (%s) lost before DATA, try again later",
+        smtp_server_reply(&s->srv, 451, "4.4.2", "connection to %s (%s) lost before DATA, try again later",
                  tx->mx_host, tx->mx_peer);
         rs_release_mx(s, 0);
         rs_tx_reset(s);
         return;
     }
-    s->inflight++;
+    s->srv.inflight++;
     rs_enter_state(s, RS_DELIVER);
 }
 
@@ -1032,9 +1032,9 @@ static void rs_process(struct relay_session *s)
 {
     size_t off = 0;
 
-    while (off < s->in.len && !s->quit) {
-        const char *p = s->in.data + off;
-        size_t avail = s->in.len - off;
+    while (off < s->srv.in.len && !s->quit) {
+        const char *p = s->srv.in.data + off;
+        size_t avail = s->srv.in.len - off;
 
         if (s->state == RS_DATA) {
             struct rs_tx *tx = s->tx;
@@ -1046,13 +1046,13 @@ static void rs_process(struct relay_session *s)
         }
         if (s->state != RS_CMD)
             break;
-        if (s->discarding) {
+        if (s->srv.discarding) {
             int done = 0;
 
-            off += smtp_cmd_discard(p, avail, &s->discard_cr, &done);
+            off += smtp_cmd_discard(p, avail, &s->srv.discard_cr, &done);
             if (done) {
-                s->discarding = 0;
-                rs_reply(s, 500, "5.5.2", "Error: line too long");
+                s->srv.discarding = 0;
+                smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
                 if (rs_error(s))
                     break;
             }
@@ -1065,8 +1065,8 @@ static void rs_process(struct relay_session *s)
             if (n == SMTP_FRAME_NEED_MORE)
                 break;
             if (n == SMTP_FRAME_TOO_LONG) {
-                s->discarding = 1;
-                s->discard_cr = 0;
+                s->srv.discarding = 1;
+                s->srv.discard_cr = 0;
                 continue;
             }
             off += (size_t)n;
@@ -1077,11 +1077,11 @@ static void rs_process(struct relay_session *s)
     }
     /* Shutting down: the session ends once its transaction has. */
     if (s->stopping && s->tx == NULL && s->state == RS_CMD && !s->quit) {
-        rs_reply(s, 421, "4.3.2", "%s Service shutting down", rs_cfg(s)->relay.helo_name);
+        smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", rs_cfg(s)->relay.helo_name);
         rs_close(s, "shutdown");
     }
     if (s->state != RS_CLOSING) {
-        buf_consume(&s->in, off);
+        buf_consume(&s->srv.in, off);
         rs_arm_timer(s);
     }
 }
@@ -1093,10 +1093,10 @@ static void rs_on_read(struct conn *c, const char *data, size_t len, void *arg)
     (void)c;
     if (s->state == RS_CLOSING || s->state == RS_HANDSHAKE)
         return;
-    buf_append(&s->in, data, len);
+    buf_append(&s->srv.in, data, len);
     rs_process(s);
     if (s->state != RS_CLOSING)
-        conn_flush(s->conn);
+        conn_flush(s->srv.conn);
     rs_update_reading(s);
 }
 
@@ -1104,7 +1104,7 @@ static void rs_on_read(struct conn *c, const char *data, size_t len, void *arg)
  * by OpenSSL; check the pins, then greet. */
 static void rs_on_tls_ready(struct relay_session *s)
 {
-    X509 *cert = conn_tls_peer_cert(s->conn);
+    X509 *cert = conn_tls_peer_cert(s->srv.conn);
     char fp[80] = "", q[200];
 
     if (cert != NULL) {
@@ -1115,8 +1115,8 @@ static void rs_on_tls_ready(struct relay_session *s)
                 *p = '_';
     }
     if (cert == NULL || !relay_pin_ok(s->r, cert, fp, sizeof(fp))) {
-        log_warn("session=%s event=tunnel_refused ip=%s reason=%s cn=%s fingerprint=%s", s->sid,
-                 s->ip, cert == NULL ? "no_client_certificate" : "pin_mismatch",
+        log_warn("session=%s event=tunnel_refused ip=%s reason=%s cn=%s fingerprint=%s", s->srv.sid,
+                 s->srv.ip, cert == NULL ? "no_client_certificate" : "pin_mismatch",
                  s->cn[0] ? log_quote(q, sizeof(q), s->cn, strlen(s->cn)) : "-",
                  fp[0] ? fp : "-");
         metric_inc(metric_labels(relay_metrics(s->r)->tunnels,
@@ -1124,13 +1124,13 @@ static void rs_on_tls_ready(struct relay_session *s)
         rs_close_how(s, cert == NULL ? "no_client_certificate" : "pin_mismatch", 1);
         return;
     }
-    log_info("session=%s event=tunnel ip=%s version=%s cipher=%s cn=%s fingerprint=%s", s->sid,
-             s->ip, conn_tls_version(s->conn), conn_tls_cipher(s->conn),
+    log_info("session=%s event=tunnel ip=%s version=%s cipher=%s cn=%s fingerprint=%s", s->srv.sid,
+             s->srv.ip, conn_tls_version(s->srv.conn), conn_tls_cipher(s->srv.conn),
              s->cn[0] ? log_quote(q, sizeof(q), s->cn, strlen(s->cn)) : "-", fp);
     metric_inc(metric_labels(relay_metrics(s->r)->tunnels, "ok"));
     rs_enter_state(s, RS_CMD);
-    rs_reply(s, 220, NULL, "%s ESMTP mailferry relay", rs_cfg(s)->relay.helo_name);
-    conn_flush(s->conn);
+    smtp_server_reply(&s->srv, 220, NULL, "%s ESMTP mailferry relay", rs_cfg(s)->relay.helo_name);
+    conn_flush(s->srv.conn);
     rs_arm_timer(s);
 }
 
@@ -1156,8 +1156,8 @@ static void rs_on_event(struct conn *c, enum conn_event ev, int status, void *ar
 
             /* A client certificate from another CA, none at all, or not
              * TLS: refused before a single SMTP byte. */
-            log_warn("session=%s event=tunnel_refused ip=%s reason=tls_error error=%s", s->sid,
-                     s->ip, log_quote(q, sizeof(q), e, strlen(e)));
+            log_warn("session=%s event=tunnel_refused ip=%s reason=tls_error error=%s", s->srv.sid,
+                     s->srv.ip, log_quote(q, sizeof(q), e, strlen(e)));
             metric_inc(metric_labels(relay_metrics(s->r)->tunnels, "tls_error"));
             rs_close_how(s, "tls_error", 1);
             break;
@@ -1168,7 +1168,7 @@ static void rs_on_event(struct conn *c, enum conn_event ev, int status, void *ar
         rs_update_reading(s);
         break;
     case CONN_EV_CLOSED:
-        s->conn_closed = 1;
+        s->srv.conn_closed = 1;
         rs_maybe_free(s);
         break;
     case CONN_EV_CONNECTED:
@@ -1182,7 +1182,7 @@ static void rs_timer_closed(uv_handle_t *h)
 {
     struct relay_session *s = h->data;
 
-    s->timer_open = 0;
+    s->srv.timer_open = 0;
     rs_maybe_free(s);
 }
 
@@ -1190,7 +1190,7 @@ static void rs_timer_closed(uv_handle_t *h)
  * smtp_client callback still refers to it. */
 static void rs_maybe_free(struct relay_session *s)
 {
-    if (!s->conn_closed || s->timer_open || s->inflight > 0)
+    if (!s->srv.conn_closed || s->srv.timer_open || s->srv.inflight > 0)
         return;
     if (s->counted)
         metric_dec(metric_labels(relay_metrics(s->r)->connections));
@@ -1200,7 +1200,7 @@ static void rs_maybe_free(struct relay_session *s)
         buf_free(&s->tx->msg);
         free(s->tx);
     }
-    buf_free(&s->in);
+    buf_free(&s->srv.in);
     free(s);
 }
 
@@ -1215,10 +1215,10 @@ static void rs_close_how(struct relay_session *s, const char *reason, int abort)
 
     if (s->state == RS_CLOSING)
         return;
-    ms = uv_now(relay_loop(s->r)) - s->started;
+    ms = uv_now(relay_loop(s->r)) - s->srv.started;
     if (s->state != RS_HANDSHAKE || strcmp(reason, "tls_error") != 0)
         log_info("session=%s event=disconnect ip=%s reason=%s messages=%u errors=%d "
-                 "duration_ms=%llu", s->sid, s->ip, reason, s->messages, s->errors,
+                 "duration_ms=%llu", s->srv.sid, s->srv.ip, reason, s->srv.messages, s->srv.errors,
                  (unsigned long long)ms);
     if (s->tx != NULL) {
         /* Pending DNS and pool requests are cancelled; an MX command in
@@ -1230,15 +1230,15 @@ static void rs_close_how(struct relay_session *s, const char *reason, int abort)
         rs_release_mx(s, 1);
     }
     rs_enter_state(s, RS_CLOSING);
-    conn_read_stop(s->conn);
+    conn_read_stop(s->srv.conn);
     if (abort) {
-        conn_abort(s->conn);
+        conn_abort(s->srv.conn);
     } else {
-        conn_flush(s->conn);
-        conn_close(s->conn);
+        conn_flush(s->srv.conn);
+        conn_close(s->srv.conn);
     }
-    uv_timer_stop(&s->timer);
-    uv_close((uv_handle_t *)&s->timer, rs_timer_closed);
+    uv_timer_stop(&s->srv.timer);
+    uv_close((uv_handle_t *)&s->srv.timer, rs_timer_closed);
 }
 
 struct relay_session *relay_session_accept(struct relay *r, uv_stream_t *server)
@@ -1249,33 +1249,33 @@ struct relay_session *relay_session_accept(struct relay *r, uv_stream_t *server)
 
     if (prefix == 0 && RAND_bytes((unsigned char *)&prefix, sizeof(prefix)) != 1)
         prefix = 1;
-    s->conn = conn_accept(server, rs_on_read, rs_on_event, s);
-    if (s->conn == NULL) {
+    s->srv.conn = conn_accept(server, rs_on_read, rs_on_event, s);
+    if (s->srv.conn == NULL) {
         free(s);
         return NULL;
     }
     s->r = r;
     s->state = RS_HANDSHAKE;
-    snprintf(s->sid, sizeof(s->sid), "%04x%06lx", prefix & 0xffff, ++counter & 0xffffff);
-    snprintf(s->ip, sizeof(s->ip), "%s", conn_peer_ip(s->conn));
-    buf_init(&s->in);
-    uv_timer_init(relay_loop(r), &s->timer);
-    s->timer.data = s;
-    s->timer_open = 1;
-    s->started = uv_now(relay_loop(r));
+    snprintf(s->srv.sid, sizeof(s->srv.sid), "%04x%06lx", prefix & 0xffff, ++counter & 0xffffff);
+    snprintf(s->srv.ip, sizeof(s->srv.ip), "%s", conn_peer_ip(s->srv.conn));
+    buf_init(&s->srv.in);
+    uv_timer_init(relay_loop(r), &s->srv.timer);
+    s->srv.timer.data = s;
+    s->srv.timer_open = 1;
+    s->srv.started = uv_now(relay_loop(r));
     relay_session_add(r, s);
     metric_inc(metric_labels(relay_metrics(r)->connections));
     s->counted = 1;
-    log_info("session=%s event=connect ip=%s listener=relay", s->sid, s->ip);
+    log_info("session=%s event=connect ip=%s listener=relay", s->srv.sid, s->srv.ip);
     if (!relay_admit(r)) {
-        log_warn("session=%s event=tunnel_refused ip=%s reason=connection_limit", s->sid, s->ip);
+        log_warn("session=%s event=tunnel_refused ip=%s reason=connection_limit", s->srv.sid, s->srv.ip);
         metric_inc(metric_labels(relay_metrics(r)->tunnels, "connection_limit"));
         rs_close_how(s, "connection_limit", 1);
         return s;
     }
     /* TLS from the first byte; the greeting comes after the handshake and
      * the certificate checks. */
-    if (conn_start_tls(s->conn, relay_tls(r), 1, NULL) != 0) {
+    if (conn_start_tls(s->srv.conn, relay_tls(r), 1, NULL) != 0) {
         rs_close_how(s, "tls_unavailable", 1);
         return s;
     }
@@ -1294,7 +1294,7 @@ void relay_session_shutdown(struct relay_session *s)
         return;
     }
     if (s->tx == NULL && s->state == RS_CMD) {
-        rs_reply(s, 421, "4.3.2", "%s Service shutting down", rs_cfg(s)->relay.helo_name);
+        smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", rs_cfg(s)->relay.helo_name);
         rs_close(s, "shutdown");
     }
 }

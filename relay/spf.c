@@ -710,7 +710,9 @@ static int spf_count_void(struct spf *e)
 static int spf_target(struct spf *e, struct spf_frame *f, const char *spec)
 {
     if (spec == NULL) {
-        snprintf(f->target, sizeof(f->target), "%s", f->domain);
+        size_t n = strnlen(f->domain, sizeof(f->target) - 1);
+        memcpy(f->target, f->domain, n);
+        f->target[n] = '\0';
         return 0;
     }
     if (spf_expand(e, f, spec, f->target, sizeof(f->target)) < 0) {

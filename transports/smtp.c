@@ -56,7 +56,7 @@ enum st_type { ST_STR, ST_INT, ST_BOOL, ST_TLS };
 enum st_key_id {
     K_HOST, K_TLS, K_CA_FILE, K_TLS_VERIFY, K_CLIENT_CERT, K_CLIENT_KEY, K_SERVERNAME,
     K_AUTH_USER, K_AUTH_PASSWORD_ENV, K_AUTH_PASSWORD_FILE, K_HELO, K_SOURCE_ADDRESS,
-    K_MAX_CONNECTIONS, K_MAX_MESSAGES, K_IDLE_TIMEOUT, K_UNHEALTHY_AFTER,
+    K_MAX_CONNECTIONS, K_MAX_MESSAGES, K_IDLE_TIMEOUT, K_UNHEALTHY_AFTER, K_UNHEALTHY_RETRY,
     K_CONNECT_TIMEOUT, K_GREETING_TIMEOUT, K_COMMAND_TIMEOUT, K_MAIL_TIMEOUT,
     K_RCPT_TIMEOUT, K_DATA_TIMEOUT, K_BLOCK_TIMEOUT, K_DOT_TIMEOUT,
     K__COUNT
@@ -88,6 +88,7 @@ static const struct st_key st_keys[K__COUNT] = {
     [K_MAX_MESSAGES] = {"max_messages_per_connection", ST_INT, "100", 1, 1000000},
     [K_IDLE_TIMEOUT] = {"idle_timeout", ST_INT, "60", 1, 86400},
     [K_UNHEALTHY_AFTER] = {"unhealthy_after", ST_INT, "3", 1, 1000000},
+    [K_UNHEALTHY_RETRY] = {"unhealthy_retry", ST_INT, "30", 1, 86400},
     [K_CONNECT_TIMEOUT] = {"connect_timeout", ST_INT, "30", 1, 3600},
     [K_GREETING_TIMEOUT] = {"greeting_timeout", ST_INT, "300", 1, 3600},
     [K_COMMAND_TIMEOUT] = {"command_timeout", ST_INT, "300", 1, 3600},
@@ -156,7 +157,7 @@ struct smtp_transport {
     char *servername, *helo, *auth_user, *auth_pass;
     struct sockaddr_storage source;
     int has_source;
-    long long max_conns, max_msgs, idle_timeout, unhealthy_after;
+    long long max_conns, max_msgs, idle_timeout, unhealthy_after, unhealthy_retry;
     unsigned t_connect, t_greeting, t_command, t_mail, t_rcpt, t_data, t_block, t_dot;
 
     struct st_conn *conns;        /* every entry, in any state */
@@ -171,6 +172,7 @@ struct smtp_transport {
 
     unsigned failures;            /* consecutive connection failures */
     char last_error[256];
+    uint64_t last_failure;      /* uv_now() of the last connection failure */
 
     int closing, finishing;
     void (*closed)(void *arg);
@@ -431,6 +433,7 @@ static int st_configure(struct smtp_transport *t, const struct config_named *kv,
     t->max_msgs = num[K_MAX_MESSAGES];
     t->idle_timeout = num[K_IDLE_TIMEOUT];
     t->unhealthy_after = num[K_UNHEALTHY_AFTER];
+    t->unhealthy_retry = num[K_UNHEALTHY_RETRY];
     t->t_connect = (unsigned)num[K_CONNECT_TIMEOUT];
     t->t_greeting = (unsigned)num[K_GREETING_TIMEOUT];
     t->t_command = (unsigned)num[K_COMMAND_TIMEOUT];
@@ -621,6 +624,7 @@ static void st_connect_failed(struct st_conn *e, const char *err, const struct s
     char enh[16], text[512], q[600];
 
     t->failures++;
+    t->last_failure = uv_now(t->loop);
     st_strf(t->last_error, sizeof(t->last_error), "%s: %s", t->hostport, err);
     snprintf(text, sizeof(text), "%s%s%s: %s", t->hostport, e->ip[0] ? " " : "", e->ip, err);
     log_info("route=%s event=connect_failed host=%s failures=%u reason=%s", t->route,
@@ -985,7 +989,12 @@ static int st_health(struct transport *tp, char *why, size_t whylen)
 {
     struct smtp_transport *t = (struct smtp_transport *)tp;
 
-    if (t->failures >= (unsigned)t->unhealthy_after) {
+    /* Unhealthy after unhealthy_after failures in a row; healthy again
+     * after a success. Since an unhealthy route gets no traffic, it is
+     * offered traffic again unhealthy_retry seconds after the last failure:
+     * the next connection attempt decides (one failure puts it back). */
+    if (t->failures >= (unsigned)t->unhealthy_after &&
+        uv_now(t->loop) - t->last_failure < (uint64_t)t->unhealthy_retry * 1000) {
         snprintf(why, whylen, "%u consecutive connection failures, last: %s", t->failures,
                  t->last_error);
         return 0;
