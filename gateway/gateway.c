@@ -37,7 +37,7 @@ struct gateway {
     size_t nlisteners;
     size_t listeners_open;
 
-    struct smtp_session *sessions;
+    struct list sessions;           /* of struct smtp_session */
     size_t nsessions;
     size_t nadmitted;
     struct gateway_ipcount *ips[GATEWAY_IP_BUCKETS];
@@ -200,8 +200,8 @@ static void gateway_on_backpressure(int paused, void *arg)
     gw->paused = paused;
     log_warn("event=%s reason=redis_backlog pending_bytes=%zu",
              paused ? "reading_paused" : "reading_resumed", queue_pending_bytes(gw->queue));
-    for (struct smtp_session *s = gw->sessions; s; s = smtp_session_next(s))
-        smtp_session_set_paused(s, paused);
+    for (struct list_node *n = gw->sessions.head; n; n = n->next)
+        smtp_session_set_paused(n->owner, paused);
 }
 
 static void gateway_listener_closed(uv_handle_t *h)
@@ -293,8 +293,8 @@ static void gateway_on_grace(uv_timer_t *t)
         return;
     }
     log_warn("event=shutdown_grace_expired sessions=%zu", gw->nsessions);
-    for (struct smtp_session *s = gw->sessions; s; s = smtp_session_next(s))
-        smtp_session_abort(s);
+    for (struct list_node *n = gw->sessions.head; n; n = n->next)
+        smtp_session_abort(n->owner);
 }
 
 static void gateway_maybe_done(struct gateway *gw)
@@ -310,7 +310,7 @@ static void gateway_maybe_done(struct gateway *gw)
 
 void gateway_shutdown(struct gateway *gw, void (*done)(void *arg), void *arg)
 {
-    struct smtp_session *s, *next;
+    struct list_node *n, *next;
 
     if (gw->stopping)
         return;
@@ -319,9 +319,9 @@ void gateway_shutdown(struct gateway *gw, void (*done)(void *arg), void *arg)
     gw->done_arg = arg;
     log_info("event=shutdown sessions=%zu grace=%d", gw->nsessions, gw->cfg->gateway.shutdown_grace);
     gateway_close_listeners(gw);
-    for (s = gw->sessions; s; s = next) {
-        next = smtp_session_next(s);
-        smtp_session_shutdown(s);
+    for (n = gw->sessions.head; n; n = next) {
+        next = n->next;
+        smtp_session_shutdown(n->owner);
     }
     /* With no sessions the timer fires at once and completes the stop from
      * the loop, never from inside this call. */
@@ -420,7 +420,7 @@ static void gateway_release(struct gateway *gw, const char *ip)
 
 void gateway_session_add(struct gateway *gw, struct smtp_session *s)
 {
-    smtp_session_link(&gw->sessions, s);
+    list_push(&gw->sessions, smtp_session_node(s), s);
     gw->nsessions++;
     if (gw->paused)
         smtp_session_set_paused(s, 1);
@@ -430,7 +430,7 @@ void gateway_session_gone(struct gateway *gw, struct smtp_session *s)
 {
     if (smtp_session_admitted(s))
         gateway_release(gw, smtp_session_ip(s));
-    smtp_session_unlink(&gw->sessions, s);
+    list_remove(&gw->sessions, smtp_session_node(s));
     gw->nsessions--;
     if (gw->stopping && gw->nsessions == 0) {
         /* Finish from a timer callback, not from inside the session's

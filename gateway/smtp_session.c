@@ -1,8 +1,6 @@
 #include "gateway/smtp_session.h"
 
 #include <openssl/crypto.h>
-#include <openssl/rand.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +14,7 @@
 #include "lib/smtp_addr.h"
 #include "lib/smtp_cmd.h"
 #include "lib/smtp_data.h"
+#include "lib/smtp_server.h"
 #include "lib/xmalloc.h"
 
 /*
@@ -27,8 +26,6 @@
 /* Input kept while the session does not consume it (paused or in TLS
  * handshake): one socket read at most; reading stops meanwhile. */
 #define SMTP_INBUF_MAX (SMTP_AUTH_LINE_MAX + 65536)
-/* Replies not yet read by the client before we stop reading commands. */
-#define SMTP_OUT_MAX (256 * 1024)
 
 enum smtp_state {
     SMTP_S_GREETING,      /* implicit TLS handshake before the banner */
@@ -85,20 +82,11 @@ struct smtp_auth_work {
 };
 
 struct smtp_session {
-    struct smtp_session *next, *prev;
+    struct smtp_server srv;       /* connection, timer (idle, data and AUTH
+                                   * delay timeouts), input, counters */
     struct gateway *gw;
-    struct conn *conn;
     enum gateway_listener_kind kind;
     enum smtp_state state;
-    char sid[16];
-    char ip[64];
-    uv_timer_t timer;             /* idle, data and AUTH delay timeouts */
-    int timer_open;
-    uint64_t started;
-
-    struct buf in;                /* received, not yet consumed */
-    int discarding;               /* inside an overlong command line */
-    int discard_cr;
 
     char helo[256];
     int esmtp;                    /* EHLO (not HELO) was used */
@@ -108,48 +96,22 @@ struct smtp_session {
     struct smtp_auth_work *auth;  /* check in flight */
 
     struct smtp_tx *tx;           /* NULL outside a transaction */
-    int errors;
-    unsigned messages;
     int paused_by_gateway;
-    int reading;
     int stopping;                 /* close when the transaction ends */
     int quit;                     /* close after flushing */
-    int inflight;                 /* callbacks that still reference us */
-    int conn_closed;
     int admitted;                 /* counted in the connection limits */
 };
 
 static void smtp_process(struct smtp_session *s);
 static void smtp_close(struct smtp_session *s, const char *reason);
 static void smtp_close_how(struct smtp_session *s, const char *reason, int abort);
-static void smtp_maybe_free(struct smtp_session *s);
 static void smtp_update_reading(struct smtp_session *s);
 
 /* ---- list --------------------------------------------------------------- */
 
-struct smtp_session *smtp_session_next(struct smtp_session *s)
+struct list_node *smtp_session_node(struct smtp_session *s)
 {
-    return s->next;
-}
-
-void smtp_session_link(struct smtp_session **head, struct smtp_session *s)
-{
-    s->prev = NULL;
-    s->next = *head;
-    if (*head)
-        (*head)->prev = s;
-    *head = s;
-}
-
-void smtp_session_unlink(struct smtp_session **head, struct smtp_session *s)
-{
-    if (s->prev)
-        s->prev->next = s->next;
-    else if (*head == s)
-        *head = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    s->next = s->prev = NULL;
+    return &s->srv.node;
 }
 
 /* ---- replies ------------------------------------------------------------ */
@@ -158,34 +120,8 @@ static void smtp_enter_state(struct smtp_session *s, enum smtp_state st)
 {
     if (s->state == st)
         return;
-    log_debug("session=%s event=state from=%s to=%s", s->srv.sid,
-              smtp_state_names[s->state], smtp_state_names[st]);
+    smtp_server_log_state(&s->srv, smtp_state_names[s->state], smtp_state_names[st]);
     s->state = st;
-}
-
-/* Writes one reply line "code enhanced text" (RFC 3463 enhanced status
- * codes on every reply, RFC 2034). Nothing is sent before the batch ends. */
-static void smtp_reply(struct smtp_session *s, int code, const char *enh, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static void smtp_reply(struct smtp_session *s, int code, const char *enh, const char *fmt, ...)
-{
-    char line[600];
-    int n;
-    va_list ap;
-
-    if (enh)
-        n = snprintf(line, sizeof(line), "%d %s ", code, enh);
-    else
-        n = snprintf(line, sizeof(line), "%d ", code);
-    va_start(ap, fmt);
-    n += vsnprintf(line + n, sizeof(line) - (size_t)n - 2, fmt, ap);
-    va_end(ap);
-    if ((size_t)n > sizeof(line) - 3)
-        n = (int)sizeof(line) - 3;
-    line[n++] = '\r';
-    line[n++] = '\n';
-    conn_write(s->srv.conn, line, (size_t)n);
 }
 
 static void smtp_log_reject(struct smtp_session *s, const char *cmd, int code, const char *reason)
@@ -203,9 +139,8 @@ static int smtp_error(struct smtp_session *s)
 {
     const struct mf_config *cfg = gateway_config(s->gw);
 
-    if (++s->srv.errors < cfg->gateway.max_errors)
+    if (!smtp_server_count_error(&s->srv, cfg->gateway.max_errors, cfg->gateway.hostname))
         return 0;
-    smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many errors", cfg->gateway.hostname);
     smtp_close(s, "too_many_errors");
     return 1;
 }
@@ -284,18 +219,12 @@ static void smtp_tx_reset(struct smtp_session *s)
  * leaves our replies unread. */
 static void smtp_update_reading(struct smtp_session *s)
 {
-    int want;
-
-    if (s->state == SMTP_S_CLOSING || s->srv.conn_closed)
+    if (s->state == SMTP_S_CLOSING)
         return;
-    want = !s->paused_by_gateway && s->state != SMTP_S_QUEUEING &&
-           s->state != SMTP_S_AUTH_CHECK && s->state != SMTP_S_AUTH_DELAY &&
-           s->srv.in.len < SMTP_INBUF_MAX && conn_pending(s->srv.conn) < SMTP_OUT_MAX;
-    if (want && !s->srv.reading)
-        conn_read_start(s->srv.conn);
-    else if (!want && s->srv.reading)
-        conn_read_stop(s->srv.conn);
-    s->srv.reading = want;
+    smtp_server_update_reading(&s->srv, !s->paused_by_gateway && s->state != SMTP_S_QUEUEING &&
+                                            s->state != SMTP_S_AUTH_CHECK &&
+                                            s->state != SMTP_S_AUTH_DELAY,
+                               SMTP_INBUF_MAX);
 }
 
 void smtp_session_set_paused(struct smtp_session *s, int paused)
@@ -407,7 +336,8 @@ static void smtp_cmd_vrfy(struct smtp_session *s, const struct smtp_cmd *cmd)
         smtp_error(s);
         return;
     }
-    smtp_server_reply(&s->srv, 252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery");
+    smtp_server_reply(&s->srv, 252, "2.5.0",
+                      "Cannot VRFY user, but will accept message and attempt delivery");
 }
 
 static void smtp_cmd_expn(struct smtp_session *s, const struct smtp_cmd *cmd)
@@ -419,7 +349,7 @@ static void smtp_cmd_expn(struct smtp_session *s, const struct smtp_cmd *cmd)
 static void smtp_cmd_help(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
     smtp_server_reply(&s->srv, 214, "2.0.0",
-               "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
+                      "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
 }
 
 static void smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *cmd)
@@ -549,7 +479,8 @@ static void smtp_cmd_auth(struct smtp_session *s, const struct smtp_cmd *cmd)
         /* RFC 4954 section 6 and RFC 3207: 538 when the mechanism would
          * need encryption; without a users file AUTH is simply absent. */
         if (gateway_users(s->gw) != NULL && !conn_is_tls(s->srv.conn))
-            smtp_server_reply(&s->srv, 538, "5.7.11", "Encryption required for requested authentication mechanism");
+            smtp_server_reply(&s->srv, 538, "5.7.11",
+                              "Encryption required for requested authentication mechanism");
         else
             smtp_server_reply(&s->srv, 502, "5.5.1", "Error: authentication not enabled");
         smtp_error(s);
@@ -692,7 +623,7 @@ static void smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
         struct users *u = gateway_users(s->gw);
         if (u == NULL || !users_sender_allowed(u, s->auth_user, smtp_domain_of(args.path.addr))) {
             smtp_server_reply(&s->srv, 553, "5.7.1", "<%s>: Sender address not owned by user %s",
-                       args.path.addr, s->auth_user);
+                              args.path.addr, s->auth_user);
             smtp_log_reject(s, "MAIL", 553, "sender_not_owned");
             smtp_error(s);
             return;
@@ -835,7 +766,7 @@ static void smtp_dispatch(struct smtp_session *s, const char *line, size_t len)
     }
     if ((def->flags & CMDF_NOT_IN_TX) && s->tx) {
         smtp_server_reply(&s->srv, 503, "5.5.1", "Error: %s not allowed during a mail transaction",
-                   smtp_cmd_name(cmd.id));
+                          smtp_cmd_name(cmd.id));
         smtp_error(s);
         return;
     }
@@ -957,7 +888,7 @@ static void smtp_on_queued(int status, const char *err, void *arg)
 
     s->srv.inflight--;
     if (s->state == SMTP_S_CLOSING) {
-        smtp_maybe_free(s);
+        smtp_server_maybe_release(&s->srv);
         return;
     }
     if (status == 0) {
@@ -975,7 +906,8 @@ static void smtp_on_queued(int status, const char *err, void *arg)
         log_warn("session=%s event=reject id=%s cmd=DATA code=451 reason=queue_error error=%s",
                  s->srv.sid, tx->id, eq);
         metric_inc(metric_labels(gateway_metrics(s->gw)->rejected, "queue_error"));
-        smtp_server_reply(&s->srv, 451, "4.3.0", "Temporary failure: queue unavailable, try again later");
+        smtp_server_reply(&s->srv, 451, "4.3.0",
+                          "Temporary failure: queue unavailable, try again later");
     }
     smtp_tx_reset(s);
     smtp_enter_state(s, SMTP_S_CMD);
@@ -1007,7 +939,8 @@ static void smtp_end_of_data(struct smtp_session *s)
     if (tx->dec.bare_newline && cfg->gateway.bare_newline == CONFIG_BARE_REJECT) {
         /* SMTP smuggling defence: bare CR or LF never ends the message,
          * and by default a message containing them is refused. */
-        smtp_server_reply(&s->srv, 550, "5.6.0", "Error: bare CR or LF in message; use CRLF line endings");
+        smtp_server_reply(&s->srv, 550, "5.6.0",
+                          "Error: bare CR or LF in message; use CRLF line endings");
         smtp_log_reject(s, "DATA", 550, "bare_newline");
         smtp_tx_reset(s);
         return;
@@ -1070,14 +1003,15 @@ static void smtp_on_signed(int status, const char *sigs, size_t siglen, const ch
 
     s->srv.inflight--;
     if (s->state == SMTP_S_CLOSING) {
-        smtp_maybe_free(s);
+        smtp_server_maybe_release(&s->srv);
         return;
     }
     if (status != 0) {
         log_quote(eq, sizeof(eq), err ? err : "", err ? strlen(err) : 0);
         log_warn("session=%s event=reject id=%s cmd=DATA code=451 reason=dkim_error error=%s",
                  s->srv.sid, tx->id, eq);
-        smtp_server_reply(&s->srv, 451, "4.3.0", "Temporary failure: cannot sign the message, try again later");
+        smtp_server_reply(&s->srv, 451, "4.3.0",
+                          "Temporary failure: cannot sign the message, try again later");
         smtp_tx_reset(s);
         smtp_enter_state(s, SMTP_S_CMD);
         smtp_process(s);
@@ -1122,29 +1056,19 @@ static void smtp_process(struct smtp_session *s)
         if (s->state != SMTP_S_CMD && s->state != SMTP_S_AUTH_PLAIN &&
             s->state != SMTP_S_AUTH_USER && s->state != SMTP_S_AUTH_PASS)
             break;
-        if (s->srv.discarding) {
-            int done = 0;
-            off += smtp_cmd_discard(p, avail, &s->srv.discard_cr, &done);
-            if (done) {
-                s->srv.discarding = 0;
-                smtp_enter_state(s, SMTP_S_CMD);
-                smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
-                smtp_log_reject(s, "line", 500, "line_too_long");
-                if (smtp_error(s))
-                    break;
-            }
-            continue;
-        }
-        size_t linelen;
-        ssize_t n = smtp_cmd_frame(p, avail, SMTP_AUTH_LINE_MAX, &linelen);
-        if (n == SMTP_FRAME_NEED_MORE)
+        size_t used, linelen;
+        int fr = smtp_server_frame(&s->srv, p, avail, SMTP_AUTH_LINE_MAX, &used, &linelen);
+        off += used;
+        if (fr == SMTP_SERVER_NEED_MORE)
             break;
-        if (n == SMTP_FRAME_TOO_LONG) {
-            s->srv.discarding = 1;
-            s->srv.discard_cr = 0;
+        if (fr == SMTP_SERVER_TOO_LONG) {
+            smtp_enter_state(s, SMTP_S_CMD);
+            smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
+            smtp_log_reject(s, "line", 500, "line_too_long");
+            if (smtp_error(s))
+                break;
             continue;
         }
-        off += (size_t)n;
         if (s->state == SMTP_S_CMD)
             smtp_dispatch(s, p, linelen);
         else
@@ -1153,7 +1077,8 @@ static void smtp_process(struct smtp_session *s)
             return;   /* input already discarded by STARTTLS */
         if (s->stopping && s->tx == NULL && s->state == SMTP_S_CMD) {
             const struct mf_config *cfg = gateway_config(s->gw);
-            smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", cfg->gateway.hostname);
+            smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down",
+                              cfg->gateway.hostname);
             smtp_close(s, "shutdown");
             break;
         }
@@ -1217,8 +1142,7 @@ static void smtp_on_event(struct conn *c, enum conn_event ev, int status, void *
         smtp_update_reading(s);
         break;
     case CONN_EV_CLOSED:
-        s->srv.conn_closed = 1;
-        smtp_maybe_free(s);
+        smtp_server_conn_closed(&s->srv);
         break;
     case CONN_EV_CONNECTED:
         break;
@@ -1227,24 +1151,17 @@ static void smtp_on_event(struct conn *c, enum conn_event ev, int status, void *
 
 /* ---- life cycle ---------------------------------------------------------- */
 
-static void smtp_timer_closed(uv_handle_t *h)
+/* Frees the session; smtp_server_maybe_release() calls it once the
+ * connection and timer are closed and no callback (queue, password check)
+ * still refers to the session. */
+static void smtp_release(void *arg)
 {
-    struct smtp_session *s = h->data;
-    s->srv.timer_open = 0;
-    smtp_maybe_free(s);
-}
+    struct smtp_session *s = arg;
 
-/* Frees the session once the connection and timer are closed and no
- * callback (queue, password check) still refers to it. */
-static void smtp_maybe_free(struct smtp_session *s)
-{
-    if (!s->srv.conn_closed || s->srv.timer_open || s->srv.inflight > 0)
-        return;
     metric_dec(metric_labels(gateway_metrics(s->gw)->connections,
                              gateway_listener_label(s->kind)));
     gateway_session_gone(s->gw, s);
     smtp_tx_free(s->tx);
-    buf_free(&s->srv.in);
     free(s->auth_user);
     free(s);
 }
@@ -1258,14 +1175,10 @@ static void smtp_close(struct smtp_session *s, const char *reason)
 
 static void smtp_close_how(struct smtp_session *s, const char *reason, int abort)
 {
-    uint64_t ms;
-
     if (s->state == SMTP_S_CLOSING)
         return;
     smtp_enter_state(s, SMTP_S_CLOSING);
-    ms = uv_now(uv_handle_get_loop((uv_handle_t *)&s->srv.timer)) - s->srv.started;
-    log_info("session=%s event=disconnect ip=%s reason=%s messages=%u errors=%d duration_ms=%llu",
-             s->srv.sid, s->srv.ip, reason, s->srv.messages, s->srv.errors, (unsigned long long)ms);
+    smtp_server_log_disconnect(&s->srv, reason);
     if (s->auth) {
         /* The password check cannot be stopped once a worker runs it; its
          * completion finds the session gone and only frees itself. */
@@ -1274,54 +1187,37 @@ static void smtp_close_how(struct smtp_session *s, const char *reason, int abort
         s->auth = NULL;
         s->srv.inflight--;
     }
-    conn_read_stop(s->srv.conn);
-    if (abort) {
-        conn_abort(s->srv.conn);
-    } else {
-        conn_flush(s->srv.conn);
-        conn_close(s->srv.conn);
-    }
-    uv_timer_stop(&s->srv.timer);
-    uv_close((uv_handle_t *)&s->srv.timer, smtp_timer_closed);
+    smtp_server_close(&s->srv, abort);
 }
 
 struct smtp_session *smtp_session_accept(struct gateway *gw, uv_stream_t *server,
                                          enum gateway_listener_kind kind)
 {
-    static unsigned long counter;
-    static unsigned prefix;
     const struct mf_config *cfg = gateway_config(gw);
     struct smtp_session *s = xcalloc(1, sizeof(*s));
     int rc;
 
-    if (prefix == 0 && RAND_bytes((unsigned char *)&prefix, sizeof(prefix)) != 1)
-        prefix = 1;
-    s->srv.conn = conn_accept(server, smtp_on_read, smtp_on_event, s);
-    if (s->srv.conn == NULL) {
+    if (smtp_server_accept(&s->srv, gateway_loop(gw), server, smtp_on_read, smtp_on_event,
+                           smtp_release, s) != 0) {
         free(s);
         return NULL;
     }
     s->gw = gw;
     s->kind = kind;
     s->state = SMTP_S_GREETING;
-    snprintf(s->srv.sid, sizeof(s->srv.sid), "%04x%06lx", prefix & 0xffff, ++counter & 0xffffff);
-    snprintf(s->srv.ip, sizeof(s->srv.ip), "%s", conn_peer_ip(s->srv.conn));
     s->allowed_net = cidr_list_match(&cfg->gateway.allowed, conn_peer(s->srv.conn));
-    buf_init(&s->srv.in);
-    uv_timer_init(gateway_loop(gw), &s->srv.timer);
-    s->srv.timer.data = s;
-    s->srv.timer_open = 1;
-    s->srv.started = uv_now(gateway_loop(gw));
     gateway_session_add(gw, s);
     metric_inc(metric_labels(gateway_metrics(gw)->connections, gateway_listener_label(kind)));
     metric_inc(metric_labels(gateway_metrics(gw)->sessions, gateway_listener_label(kind)));
 
-    log_info("session=%s event=connect ip=%s listener=%s", s->srv.sid, s->srv.ip, smtp_kind_names[kind]);
+    log_info("session=%s event=connect ip=%s listener=%s", s->srv.sid, s->srv.ip,
+             smtp_kind_names[kind]);
     rc = gateway_admit(gw, s->srv.ip);
     if (rc != 0) {
         /* RFC 5321 section 3.1: a server may refuse with 421 at greeting. */
-        smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many connections%s", cfg->gateway.hostname,
-                   rc == GATEWAY_LIMIT_PER_IP ? " from your address" : "");
+        smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many connections%s",
+                          cfg->gateway.hostname,
+                          rc == GATEWAY_LIMIT_PER_IP ? " from your address" : "");
         smtp_log_reject(s, "connect", 421,
                         rc == GATEWAY_LIMIT_PER_IP ? "per_ip_limit" : "connection_limit");
         smtp_close(s, "connection_limit");
@@ -1364,7 +1260,8 @@ void smtp_session_shutdown(struct smtp_session *s)
     if (s->tx == NULL && (s->state == SMTP_S_CMD || s->state == SMTP_S_GREETING ||
                           s->state == SMTP_S_TLS)) {
         if (s->state == SMTP_S_CMD)
-            smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", cfg->gateway.hostname);
+            smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down",
+                              cfg->gateway.hostname);
         smtp_close(s, "shutdown");
     }
 }

@@ -17,6 +17,7 @@
 
 #include "gateway/gateway.h"
 #include "lib/conn.h"
+#include "lib/list.h"
 
 struct smtp_session;
 
@@ -45,9 +46,8 @@ void smtp_session_abort(struct smtp_session *s);
 /* Queue backpressure: stop or resume reading from the client. */
 void smtp_session_set_paused(struct smtp_session *s, int paused);
 
-/* Intrusive list link, used by the gateway. */
-struct smtp_session *smtp_session_next(struct smtp_session *s);
-void smtp_session_link(struct smtp_session **head, struct smtp_session *s);
-void smtp_session_unlink(struct smtp_session **head, struct smtp_session *s);
+/* The session's link in the gateway's registry (lib/list.h); its owner is
+ * the session. Valid until gateway_session_gone() returns. */
+struct list_node *smtp_session_node(struct smtp_session *s);
 
 #endif

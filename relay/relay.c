@@ -53,7 +53,7 @@ struct relay {
     size_t nlisteners;
     size_t listeners_open;
 
-    struct relay_session *sessions;
+    struct list sessions;             /* of struct relay_session */
     size_t nsessions;
 
     struct relay_metrics metrics;
@@ -453,13 +453,13 @@ static void relay_on_grace(uv_timer_t *t)
         return;
     }
     log_warn("event=shutdown_grace_expired sessions=%zu", r->nsessions);
-    for (struct relay_session *s = r->sessions; s; s = relay_session_next(s))
-        relay_session_abort(s);
+    for (struct list_node *n = r->sessions.head; n; n = n->next)
+        relay_session_abort(n->owner);
 }
 
 void relay_shutdown(struct relay *r, void (*done)(void *arg), void *arg)
 {
-    struct relay_session *s, *next;
+    struct list_node *n, *next;
 
     if (r->stopping)
         return;
@@ -469,9 +469,9 @@ void relay_shutdown(struct relay *r, void (*done)(void *arg), void *arg)
     log_info("event=shutdown role=relay sessions=%zu grace=%d", r->nsessions,
              r->cfg->relay.shutdown_grace);
     relay_close_listeners(r);
-    for (s = r->sessions; s; s = next) {
-        next = relay_session_next(s);
-        relay_session_shutdown(s);
+    for (n = r->sessions.head; n; n = next) {
+        next = n->next;
+        relay_session_shutdown(n->owner);
     }
     uv_timer_start(&r->grace, relay_on_grace,
                    r->nsessions ? (uint64_t)r->cfg->relay.shutdown_grace * 1000 : 0, 0);
@@ -535,13 +535,13 @@ int relay_pin_ok(const struct relay *r, X509 *cert, char *fp, size_t fplen)
 
 void relay_session_add(struct relay *r, struct relay_session *s)
 {
-    relay_session_link(&r->sessions, s);
+    list_push(&r->sessions, relay_session_node(s), s);
     r->nsessions++;
 }
 
 void relay_session_gone(struct relay *r, struct relay_session *s)
 {
-    relay_session_unlink(&r->sessions, s);
+    list_remove(&r->sessions, relay_session_node(s));
     r->nsessions--;
     if (r->stopping && r->nsessions == 0) {
         /* Finish from a timer callback, not from inside the session's

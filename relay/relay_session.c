@@ -19,7 +19,6 @@
  */
 #include "relay/relay_session.h"
 
-#include <openssl/rand.h>
 #include <openssl/x509.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -33,6 +32,7 @@
 #include "lib/smtp_addr.h"
 #include "lib/smtp_cmd.h"
 #include "lib/smtp_data.h"
+#include "lib/smtp_server.h"
 #include "lib/xmalloc.h"
 #include "relay/mx.h"
 #include "relay/mx_pool.h"
@@ -43,8 +43,6 @@
 /* Input kept while the session does not consume it (waiting for the MX):
  * one socket read at most; reading stops meanwhile. */
 #define RS_INBUF_MAX (SMTP_CMD_LINE_MAX + 65536)
-/* Replies not yet read by the router before we stop reading commands. */
-#define RS_OUT_MAX (256 * 1024)
 /* Errors before 421 and close (the router is trusted; this only stops a
  * peer that is not speaking SMTP from looping). */
 #define RS_MAX_ERRORS 20
@@ -96,66 +94,31 @@ struct rs_tx {
 };
 
 struct relay_session {
-    struct relay_session *next, *prev;
+    struct smtp_server srv;           /* connection, timer, input, counters;
+                                       * inflight counts smtp_client callbacks */
     struct relay *r;
-    struct conn *conn;
     enum rs_state state;
-    char sid[16];
-    char ip[64];
     char cn[128];                     /* client certificate subject CN */
-    uv_timer_t timer;
-    int timer_open;
-    uint64_t started;
-
-    struct buf in;
-    int discarding;
-    int discard_cr;
 
     char helo[256];
     int esmtp;
     struct rs_tx *tx;
-    int errors;
-    unsigned messages;
-    int reading;
     int stopping;
     int quit;
-    int inflight;                     /* smtp_client callbacks pending */
-    int conn_closed;
     int counted;                      /* in the connections gauge */
 };
 
 static void rs_process(struct relay_session *s);
 static void rs_close(struct relay_session *s, const char *reason);
 static void rs_close_how(struct relay_session *s, const char *reason, int abort);
-static void rs_maybe_free(struct relay_session *s);
 static void rs_update_reading(struct relay_session *s);
 static void rs_rcpt_to_mx(struct relay_session *s);
 
 /* ---- list ------------------------------------------------------------------- */
 
-struct relay_session *relay_session_next(struct relay_session *s)
+struct list_node *relay_session_node(struct relay_session *s)
 {
-    return s->next;
-}
-
-void relay_session_link(struct relay_session **head, struct relay_session *s)
-{
-    s->prev = NULL;
-    s->next = *head;
-    if (*head)
-        (*head)->prev = s;
-    *head = s;
-}
-
-void relay_session_unlink(struct relay_session **head, struct relay_session *s)
-{
-    if (s->prev)
-        s->prev->next = s->next;
-    else if (*head == s)
-        *head = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    s->next = s->prev = NULL;
+    return &s->srv.node;
 }
 
 /* ---- replies ------------------------------------------------------------------ */
@@ -164,42 +127,13 @@ static void rs_enter_state(struct relay_session *s, enum rs_state st)
 {
     if (s->state == st)
         return;
-    log_debug("session=%s event=state from=%s to=%s", s->srv.sid, rs_state_names[s->state],
-              rs_state_names[st]);
+    smtp_server_log_state(&s->srv, rs_state_names[s->state], rs_state_names[st]);
     s->state = st;
 }
 
 static const struct mf_config *rs_cfg(const struct relay_session *s)
 {
     return relay_config(s->r);
-}
-
-/* Writes one reply line "code enhanced text" (RFC 3463 codes on every
- * reply, RFC 2034). Nothing is sent before the batch ends. */
-static void rs_reply(struct relay_session *s, int code, const char *enh, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static void rs_reply(struct relay_session *s, int code, const char *enh, const char *fmt, ...)
-{
-    char line[1024];
-    int n;
-    va_list ap;
-
-    if (enh)
-        n = snprintf(line, sizeof(line), "%d %s ", code, enh);
-    else
-        n = snprintf(line, sizeof(line), "%d ", code);
-    va_start(ap, fmt);
-    n += vsnprintf(line + n, sizeof(line) - (size_t)n - 2, fmt, ap);
-    va_end(ap);
-    if ((size_t)n > sizeof(line) - 3)
-        n = (int)sizeof(line) - 3;
-    for (int i = 0; i < n; i++)
-        if ((unsigned char)line[i] < 0x20 && line[i] != '\t')
-            line[i] = '?';
-    line[n++] = '\r';
-    line[n++] = '\n';
-    conn_write(s->srv.conn, line, (size_t)n);
 }
 
 /*
@@ -271,9 +205,8 @@ static const char *rs_reply_str(const struct smtp_reply *r, char *out, size_t n)
  */
 static int rs_error(struct relay_session *s)
 {
-    if (++s->srv.errors < RS_MAX_ERRORS)
+    if (!smtp_server_count_error(&s->srv, RS_MAX_ERRORS, rs_cfg(s)->relay.helo_name))
         return 0;
-    smtp_server_reply(&s->srv, 421, "4.7.0", "%s Error: too many errors", rs_cfg(s)->relay.helo_name);
     rs_close(s, "too_many_errors");
     return 1;
 }
@@ -293,7 +226,8 @@ static void rs_on_timeout(uv_timer_t *t)
 {
     struct relay_session *s = t->data;
 
-    log_info("session=%s event=timeout ip=%s state=%s", s->srv.sid, s->srv.ip, rs_state_names[s->state]);
+    log_info("session=%s event=timeout ip=%s state=%s", s->srv.sid, s->srv.ip,
+             rs_state_names[s->state]);
     if (s->state == RS_HANDSHAKE) {
         /* No banner was sent and none will be. */
         metric_inc(metric_labels(relay_metrics(s->r)->tunnels, "timeout"));
@@ -301,7 +235,8 @@ static void rs_on_timeout(uv_timer_t *t)
         return;
     }
     /* RFC 5321 section 4.5.3.2: the server times out an idle client. */
-    smtp_server_reply(&s->srv, 421, "4.4.2", "%s Error: timeout exceeded", rs_cfg(s)->relay.helo_name);
+    smtp_server_reply(&s->srv, 421, "4.4.2", "%s Error: timeout exceeded",
+                      rs_cfg(s)->relay.helo_name);
     rs_close(s, "timeout");
 }
 
@@ -469,7 +404,7 @@ static void rs_on_rcpt(struct smtp_client *c, int status, const struct smtp_repl
     (void)c;
     s->srv.inflight--;
     if (s->state == RS_CLOSING) {
-        rs_maybe_free(s);
+        smtp_server_maybe_release(&s->srv);
         return;
     }
     if (status < 0) {
@@ -500,7 +435,7 @@ static void rs_on_mail(struct smtp_client *c, int status, const struct smtp_repl
     (void)c;
     s->srv.inflight--;
     if (s->state == RS_CLOSING) {
-        rs_maybe_free(s);
+        smtp_server_maybe_release(&s->srv);
         return;
     }
     if (status < 0) {
@@ -605,17 +540,11 @@ static void rs_on_route(const struct mx_route *route, void *arg)
  * DNS or the MX, nor while the router leaves replies unread. */
 static void rs_update_reading(struct relay_session *s)
 {
-    int want;
-
-    if (s->state == RS_CLOSING || s->srv.conn_closed)
+    if (s->state == RS_CLOSING)
         return;
-    want = (s->state == RS_HANDSHAKE || s->state == RS_CMD || s->state == RS_DATA) &&
-           s->srv.in.len < RS_INBUF_MAX && conn_pending(s->srv.conn) < RS_OUT_MAX;
-    if (want && !s->srv.reading)
-        conn_read_start(s->srv.conn);
-    else if (!want && s->srv.reading)
-        conn_read_stop(s->srv.conn);
-    s->srv.reading = want;
+    smtp_server_update_reading(
+        &s->srv, s->state == RS_HANDSHAKE || s->state == RS_CMD || s->state == RS_DATA,
+        RS_INBUF_MAX);
 }
 
 /* ---- commands ------------------------------------------------------------------ */
@@ -758,8 +687,8 @@ static void rs_cmd_rcpt(struct relay_session *s, const struct smtp_cmd *cmd)
         return;
     }
     if (path.postmaster || path.domain == NULL || path.domain[0] == '\0') {
-        smtp_server_reply(&s->srv, 550, "5.1.3", "<%s>: a recipient without a domain cannot be relayed",
-                 path.addr);
+        smtp_server_reply(&s->srv, 550, "5.1.3",
+                          "<%s>: a recipient without a domain cannot be relayed", path.addr);
         return;
     }
     snprintf(domain, sizeof(domain), "%s", path.domain);
@@ -767,8 +696,9 @@ static void rs_cmd_rcpt(struct relay_session *s, const struct smtp_cmd *cmd)
     /* One destination per transaction: the router groups recipients by
      * domain, and the MX connection belongs to that domain. */
     if (tx->domain[0] != '\0' && strcmp(tx->domain, domain) != 0) {
-        smtp_server_reply(&s->srv, 451, "4.5.3", "<%s>: one destination domain per transaction (%s); send "
-                 "%s in another transaction", path.addr, tx->domain, domain);
+        smtp_server_reply(&s->srv, 451, "4.5.3",
+                          "<%s>: one destination domain per transaction (%s); send "
+                          "%s in another transaction", path.addr, tx->domain, domain);
         return;
     }
     /* RFC 5321 section 4.5.3.1.8: 452 for too many recipients. */
@@ -854,7 +784,8 @@ static void rs_cmd_not_here(struct relay_session *s, const struct smtp_cmd *cmd)
         smtp_server_reply(&s->srv, 503, "5.5.1", "Error: TLS already active");
         break;
     case SMTP_CMD_AUTH:
-        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: already authenticated by client certificate");
+        smtp_server_reply(&s->srv, 503, "5.5.1",
+                          "Error: already authenticated by client certificate");
         break;
     case SMTP_CMD_BDAT:
         smtp_server_reply(&s->srv, 502, "5.5.1", "Error: BDAT not supported (no CHUNKING)");
@@ -869,7 +800,8 @@ static void rs_cmd_not_here(struct relay_session *s, const struct smtp_cmd *cmd)
 static void rs_cmd_help(struct relay_session *s, const struct smtp_cmd *cmd)
 {
     (void)cmd;
-    smtp_server_reply(&s->srv, 214, "2.0.0", "mailferry relay: EHLO MAIL RCPT DATA RSET NOOP QUIT XSTATUS");
+    smtp_server_reply(&s->srv, 214, "2.0.0",
+                      "mailferry relay: EHLO MAIL RCPT DATA RSET NOOP QUIT XSTATUS");
 }
 
 /* XSTATUS: the self-check report (docs/relay.md). */
@@ -937,7 +869,8 @@ static void rs_dispatch(struct relay_session *s, const char *line, size_t len)
         return;
     }
     if ((def->flags & CMDF_NOT_IN_TX) && s->tx) {
-        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: %s not allowed during a mail transaction", def->name);
+        smtp_server_reply(&s->srv, 503, "5.5.1", "Error: %s not allowed during a mail transaction",
+                          def->name);
         rs_error(s);
         return;
     }
@@ -956,7 +889,7 @@ static void rs_on_dot(struct smtp_client *c, int status, const struct smtp_reply
     (void)c;
     s->srv.inflight--;
     if (s->state == RS_CLOSING) {
-        rs_maybe_free(s);
+        smtp_server_maybe_release(&s->srv);
         return;
     }
     if (status < 0) {
@@ -1004,15 +937,17 @@ static void rs_end_of_data(struct relay_session *s)
     }
     if (tx->mx == NULL) {
         /* The MX went away after accepting recipients (a 421). */
-        smtp_server_reply(&s->srv, 451, "4.4.2", "connection to %s (%s) lost before DATA, try again later",
-                 tx->mx_host, tx->mx_peer);
+        smtp_server_reply(&s->srv, 451, "4.4.2",
+                          "connection to %s (%s) lost before DATA, try again later", tx->mx_host,
+                          tx->mx_peer);
         rs_tx_reset(s);
         return;
     }
     if (smtp_client_data(mx_conn_client(tx->mx), tx->msg.data ? tx->msg.data : "", tx->msg.len,
                          rs_on_dot, s) != 0) {
-        smtp_server_reply(&s->srv, 451, "4.4.2", "connection to %s (%s) lost before DATA, try again later",
-                 tx->mx_host, tx->mx_peer);
+        smtp_server_reply(&s->srv, 451, "4.4.2",
+                          "connection to %s (%s) lost before DATA, try again later", tx->mx_host,
+                          tx->mx_peer);
         rs_release_mx(s, 0);
         rs_tx_reset(s);
         return;
@@ -1046,38 +981,26 @@ static void rs_process(struct relay_session *s)
         }
         if (s->state != RS_CMD)
             break;
-        if (s->srv.discarding) {
-            int done = 0;
+        size_t used, linelen;
+        int fr = smtp_server_frame(&s->srv, p, avail, SMTP_CMD_LINE_MAX, &used, &linelen);
 
-            off += smtp_cmd_discard(p, avail, &s->srv.discard_cr, &done);
-            if (done) {
-                s->srv.discarding = 0;
-                smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
-                if (rs_error(s))
-                    break;
-            }
+        off += used;
+        if (fr == SMTP_SERVER_NEED_MORE)
+            break;
+        if (fr == SMTP_SERVER_TOO_LONG) {
+            smtp_server_reply(&s->srv, 500, "5.5.2", "Error: line too long");
+            if (rs_error(s))
+                break;
             continue;
         }
-        {
-            size_t linelen;
-            ssize_t n = smtp_cmd_frame(p, avail, SMTP_CMD_LINE_MAX, &linelen);
-
-            if (n == SMTP_FRAME_NEED_MORE)
-                break;
-            if (n == SMTP_FRAME_TOO_LONG) {
-                s->srv.discarding = 1;
-                s->srv.discard_cr = 0;
-                continue;
-            }
-            off += (size_t)n;
-            rs_dispatch(s, p, linelen);
-        }
+        rs_dispatch(s, p, linelen);
         if (s->stopping && s->tx == NULL && s->state == RS_CMD)
             break;
     }
     /* Shutting down: the session ends once its transaction has. */
     if (s->stopping && s->tx == NULL && s->state == RS_CMD && !s->quit) {
-        smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", rs_cfg(s)->relay.helo_name);
+        smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down",
+                          rs_cfg(s)->relay.helo_name);
         rs_close(s, "shutdown");
     }
     if (s->state != RS_CLOSING) {
@@ -1168,8 +1091,7 @@ static void rs_on_event(struct conn *c, enum conn_event ev, int status, void *ar
         rs_update_reading(s);
         break;
     case CONN_EV_CLOSED:
-        s->srv.conn_closed = 1;
-        rs_maybe_free(s);
+        smtp_server_conn_closed(&s->srv);
         break;
     case CONN_EV_CONNECTED:
         break;
@@ -1178,20 +1100,13 @@ static void rs_on_event(struct conn *c, enum conn_event ev, int status, void *ar
 
 /* ---- life cycle -------------------------------------------------------------------- */
 
-static void rs_timer_closed(uv_handle_t *h)
+/* Frees the session; smtp_server_maybe_release() calls it once the
+ * connection and timer are closed and no smtp_client callback still
+ * refers to the session. */
+static void rs_release(void *arg)
 {
-    struct relay_session *s = h->data;
+    struct relay_session *s = arg;
 
-    s->srv.timer_open = 0;
-    rs_maybe_free(s);
-}
-
-/* Frees the session once the connection and timer are closed and no
- * smtp_client callback still refers to it. */
-static void rs_maybe_free(struct relay_session *s)
-{
-    if (!s->srv.conn_closed || s->srv.timer_open || s->srv.inflight > 0)
-        return;
     if (s->counted)
         metric_dec(metric_labels(relay_metrics(s->r)->connections));
     relay_session_gone(s->r, s);
@@ -1200,7 +1115,6 @@ static void rs_maybe_free(struct relay_session *s)
         buf_free(&s->tx->msg);
         free(s->tx);
     }
-    buf_free(&s->srv.in);
     free(s);
 }
 
@@ -1211,15 +1125,10 @@ static void rs_close(struct relay_session *s, const char *reason)
 
 static void rs_close_how(struct relay_session *s, const char *reason, int abort)
 {
-    uint64_t ms;
-
     if (s->state == RS_CLOSING)
         return;
-    ms = uv_now(relay_loop(s->r)) - s->srv.started;
     if (s->state != RS_HANDSHAKE || strcmp(reason, "tls_error") != 0)
-        log_info("session=%s event=disconnect ip=%s reason=%s messages=%u errors=%d "
-                 "duration_ms=%llu", s->srv.sid, s->srv.ip, reason, s->srv.messages, s->srv.errors,
-                 (unsigned long long)ms);
+        smtp_server_log_disconnect(&s->srv, reason);
     if (s->tx != NULL) {
         /* Pending DNS and pool requests are cancelled; an MX command in
          * flight ends with an error callback once its client is closed. */
@@ -1230,45 +1139,31 @@ static void rs_close_how(struct relay_session *s, const char *reason, int abort)
         rs_release_mx(s, 1);
     }
     rs_enter_state(s, RS_CLOSING);
-    conn_read_stop(s->srv.conn);
-    if (abort) {
-        conn_abort(s->srv.conn);
-    } else {
-        conn_flush(s->srv.conn);
-        conn_close(s->srv.conn);
-    }
-    uv_timer_stop(&s->srv.timer);
-    uv_close((uv_handle_t *)&s->srv.timer, rs_timer_closed);
+    smtp_server_close(&s->srv, abort);
 }
 
 struct relay_session *relay_session_accept(struct relay *r, uv_stream_t *server)
 {
-    static unsigned long counter;
-    static unsigned prefix;
     struct relay_session *s = xcalloc(1, sizeof(*s));
 
-    if (prefix == 0 && RAND_bytes((unsigned char *)&prefix, sizeof(prefix)) != 1)
-        prefix = 1;
-    s->srv.conn = conn_accept(server, rs_on_read, rs_on_event, s);
-    if (s->srv.conn == NULL) {
+    if (smtp_server_accept(&s->srv, relay_loop(r), server, rs_on_read, rs_on_event, rs_release,
+                           s) != 0) {
         free(s);
         return NULL;
     }
+    /* Replies may quote an MX's text: longer lines, never a control
+     * character that could end a line early. */
+    s->srv.reply_max = SMTP_SERVER_REPLY_CAP;
+    s->srv.reply_sanitize = 1;
     s->r = r;
     s->state = RS_HANDSHAKE;
-    snprintf(s->srv.sid, sizeof(s->srv.sid), "%04x%06lx", prefix & 0xffff, ++counter & 0xffffff);
-    snprintf(s->srv.ip, sizeof(s->srv.ip), "%s", conn_peer_ip(s->srv.conn));
-    buf_init(&s->srv.in);
-    uv_timer_init(relay_loop(r), &s->srv.timer);
-    s->srv.timer.data = s;
-    s->srv.timer_open = 1;
-    s->srv.started = uv_now(relay_loop(r));
     relay_session_add(r, s);
     metric_inc(metric_labels(relay_metrics(r)->connections));
     s->counted = 1;
     log_info("session=%s event=connect ip=%s listener=relay", s->srv.sid, s->srv.ip);
     if (!relay_admit(r)) {
-        log_warn("session=%s event=tunnel_refused ip=%s reason=connection_limit", s->srv.sid, s->srv.ip);
+        log_warn("session=%s event=tunnel_refused ip=%s reason=connection_limit", s->srv.sid,
+                 s->srv.ip);
         metric_inc(metric_labels(relay_metrics(r)->tunnels, "connection_limit"));
         rs_close_how(s, "connection_limit", 1);
         return s;
@@ -1294,7 +1189,8 @@ void relay_session_shutdown(struct relay_session *s)
         return;
     }
     if (s->tx == NULL && s->state == RS_CMD) {
-        smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down", rs_cfg(s)->relay.helo_name);
+        smtp_server_reply(&s->srv, 421, "4.3.2", "%s Service shutting down",
+                          rs_cfg(s)->relay.helo_name);
         rs_close(s, "shutdown");
     }
 }

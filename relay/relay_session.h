@@ -20,6 +20,7 @@
 
 #include <uv.h>
 
+#include "lib/list.h"
 #include "relay/relay.h"
 
 /*
@@ -38,9 +39,8 @@ void relay_session_shutdown(struct relay_session *s);
 /* Stops the session at once (end of the grace period). */
 void relay_session_abort(struct relay_session *s);
 
-/* Intrusive list link, used by the relay. */
-struct relay_session *relay_session_next(struct relay_session *s);
-void relay_session_link(struct relay_session **head, struct relay_session *s);
-void relay_session_unlink(struct relay_session **head, struct relay_session *s);
+/* The session's link in the relay's registry (lib/list.h); its owner is
+ * the session. Valid until relay_session_gone() returns. */
+struct list_node *relay_session_node(struct relay_session *s);
 
 #endif
