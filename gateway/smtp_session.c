@@ -355,7 +355,7 @@ static void smtp_cmd_help(struct smtp_session *s, const struct smtp_cmd *cmd)
 static void smtp_cmd_bdat(struct smtp_session *s, const struct smtp_cmd *cmd)
 {
     /* CHUNKING (RFC 3030) is not offered, so BDAT is unknown here. */
-    smtp_server_reply(&s->srv, 502, "5.5.1", "Error: command not implemented");
+    smtp_server_reply(&s->srv, 502, "5.5.1", "Error: BDAT unavailable, CHUNKING is not offered");
     smtp_error(s);
 }
 

@@ -791,7 +791,7 @@ static void rs_cmd_not_here(struct relay_session *s, const struct smtp_cmd *cmd)
         smtp_server_reply(&s->srv, 502, "5.5.1", "Error: BDAT not supported (no CHUNKING)");
         break;
     default:
-        smtp_server_reply(&s->srv, 502, "5.5.1", "Error: command not implemented");
+        smtp_server_reply(&s->srv, 502, "5.5.1", "Error: BDAT unavailable, CHUNKING is not offered");
         break;
     }
     rs_error(s);
