@@ -596,18 +596,7 @@ static void smtp_cmd_mail(struct smtp_session *s, const struct smtp_cmd *cmd)
         return;
     }
     rc = smtp_addr_parse_mail(cmd->arg, cmd->arglen, &args, &why);
-    if (rc == SMTP_ADDR_BAD_PARAM) {
-        smtp_server_reply(&s->srv, 555, "5.5.4", "%s", why);
-        smtp_error(s);
-        return;
-    }
-    if (rc == SMTP_ADDR_NEED_UTF8) {
-        smtp_server_reply(&s->srv, 553, "5.6.7", "%s", why);
-        smtp_error(s);
-        return;
-    }
-    if (rc != SMTP_ADDR_OK) {
-        smtp_server_reply(&s->srv, 501, "5.1.7", "Bad sender address syntax: %s", why);
+    if (smtp_server_addr_reply(&s->srv, rc, why, 0) != 0) {
         smtp_error(s);
         return;
     }
@@ -650,18 +639,7 @@ static void smtp_cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *cmd)
     }
     s->tx->rcpt_tries++;
     rc = smtp_addr_parse_rcpt(cmd->arg, cmd->arglen, s->tx->smtputf8, &path, &why);
-    if (rc == SMTP_ADDR_BAD_PARAM) {
-        smtp_server_reply(&s->srv, 555, "5.5.4", "%s", why);
-        smtp_error(s);
-        return;
-    }
-    if (rc == SMTP_ADDR_NEED_UTF8) {
-        smtp_server_reply(&s->srv, 553, "5.6.7", "%s", why);
-        smtp_error(s);
-        return;
-    }
-    if (rc != SMTP_ADDR_OK) {
-        smtp_server_reply(&s->srv, 501, "5.1.3", "Bad recipient address syntax: %s", why);
+    if (smtp_server_addr_reply(&s->srv, rc, why, 1) != 0) {
         smtp_error(s);
         return;
     }

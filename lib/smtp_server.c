@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "lib/log.h"
+#include "lib/smtp_addr.h"
 #include "lib/smtp_cmd.h"
 
 /* The gateway's historical reply cap; the relay raises it. */
@@ -161,4 +162,19 @@ void smtp_server_maybe_release(struct smtp_server *c)
         return;
     buf_free(&c->in);
     c->release(c->arg);
+}
+
+int smtp_server_addr_reply(struct smtp_server *c, int rc, const char *why, int rcpt)
+{
+    if (rc == SMTP_ADDR_OK)
+        return 0;
+    if (rc == SMTP_ADDR_BAD_PARAM)
+        smtp_server_reply(c, 555, "5.5.4", "%s", why);
+    else if (rc == SMTP_ADDR_NEED_UTF8)
+        smtp_server_reply(c, 553, "5.6.7", "%s", why);
+    else if (rcpt)
+        smtp_server_reply(c, 501, "5.1.3", "Bad recipient address syntax: %s", why);
+    else
+        smtp_server_reply(c, 501, "5.1.7", "Bad sender address syntax: %s", why);
+    return -1;
 }

@@ -75,6 +75,16 @@ void smtp_server_reply(struct smtp_server *c, int code, const char *enh, const c
     __attribute__((format(printf, 4, 5)));
 
 /*
+ * Answers a failed smtp_addr_parse_mail()/smtp_addr_parse_rcpt(): 555
+ * 5.5.4 for a bad parameter (RFC 5321 section 4.1.1.11), 553 5.6.7 for a
+ * non-ASCII address without SMTPUTF8 (RFC 6531 section 3.5), else 501 with
+ * 5.1.7 (sender) or 5.1.3 (recipient). Returns 0 when rc is SMTP_ADDR_OK
+ * (nothing written), else -1 after writing the reply; the caller counts
+ * the error.
+ */
+int smtp_server_addr_reply(struct smtp_server *c, int rc, const char *why, int rcpt);
+
+/*
  * Counts an error reply toward max. Returns 0 below the limit; at the
  * limit, queues "421 4.7.0 <hostname> Error: too many errors" and returns
  * 1: the caller closes the session.
